@@ -1,0 +1,90 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "mixpeft/ops/dropout.hpp"
+#include "mixpeft/ops/softmax.hpp"
+#include "mixpeft/testing/gradcheck.hpp"
+
+using namespace mixpeft;
+using namespace mixpeft::testing;
+
+TEST(Softmax, ForwardHandComputedAndStable) {
+  Tensor<double> x = {{0.0, std::log(3.0)}, {1000.0, 1000.0}}, y;
+  softmax_forward(x, y);
+  EXPECT_NEAR(y(0, 0), 0.25, 1e-15);
+  EXPECT_NEAR(y(0, 1), 0.75, 1e-15);
+  EXPECT_NEAR(y(1, 0), 0.5, 1e-15);  // no overflow at large logits
+}
+
+TEST(Softmax, GradientCheck) {
+  Rng rng(1);
+  Tensor<double> x = random_tensor<double>({3, 4, 6}, rng, 2.0), R = random_tensor<double>({3, 4, 6}, rng), y, dx;
+  auto loss = [&] {
+    Tensor<double> out;
+    softmax_forward(x, out);
+    return dot(out, R);
+  };
+  softmax_forward(x, y);
+  softmax_backward(y, R, dx);
+  EXPECT_LT(gradient_error(loss, x, dx), 1e-6);
+}
+
+TEST(Dropout, EvalIsIdentityWithEmptyMask) {
+  Rng rng(2);
+  Tensor<double> x = random_tensor<double>({4, 5}, rng), y, mask;
+  dropout_forward(x, 0.5, /*training=*/false, rng, y, mask);
+  EXPECT_EQ(y, x);
+  EXPECT_EQ(mask.size(), 0u);
+  Tensor<double> dx;
+  dropout_backward(x, mask, dx);
+  EXPECT_EQ(dx, x);
+}
+
+TEST(Dropout, KeepsExpectationAndRate) {
+  Rng rng(3);
+  Tensor<double> x = zeros<double>({200, 500}), y, mask;
+  x.fill(1.0);
+  dropout_forward(x, 0.1, true, rng, y, mask);
+  double mean = 0, dropped = 0;
+  for (double v : y) {
+    mean += v;
+    dropped += v == 0.0;
+  }
+  EXPECT_NEAR(mean / double(y.size()), 1.0, 0.01);
+  EXPECT_NEAR(dropped / double(y.size()), 0.1, 0.005);
+}
+
+TEST(Dropout, SameSeedSameMask) {
+  Tensor<float> x = zeros<float>({8, 8}), y1, y2, m1, m2;
+  x.fill(1.0f);
+  Rng a(5), b(5);
+  dropout_forward(x, 0.3, true, a, y1, m1);
+  dropout_forward(x, 0.3, true, b, y2, m2);
+  EXPECT_EQ(m1, m2);
+}
+
+TEST(Dropout, GradientCheckWithFixedMask) {
+  Tensor<double> x, R, mask, dx;
+  Rng init(6);
+  x = random_tensor<double>({5, 7}, init);
+  R = random_tensor<double>({5, 7}, init);
+  auto loss = [&] {
+    Rng rng(7);  // the same mask every evaluation
+    Tensor<double> y, m;
+    dropout_forward(x, 0.4, true, rng, y, m);
+    return dot(y, R);
+  };
+  Rng rng(7);
+  Tensor<double> y;
+  dropout_forward(x, 0.4, true, rng, y, mask);
+  dropout_backward(R, mask, dx);
+  EXPECT_LT(gradient_error(loss, x, dx), 1e-6);
+}
+
+TEST(Dropout, BadProbabilityIsConfigError) {
+  Rng rng(8);
+  Tensor<double> x = zeros<double>({2}), y, m;
+  EXPECT_THROW(dropout_forward(x, 1.0, true, rng, y, m), ConfigError);
+  EXPECT_THROW(dropout_forward(x, -0.1, true, rng, y, m), ConfigError);
+}
