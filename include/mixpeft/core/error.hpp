@@ -6,6 +6,7 @@
 //   ConfigError   a hyper-parameter or option is out of range    "LoRA: rank r must be > 0 (got 0)"
 //   FormatError   a file is malformed or truncated              "safetensors: header length 99 exceeds file size"
 //   NumericError  a NaN or Inf reached a loss or a gradient     "cross_entropy: loss is NaN"
+//   IndexError    an id, target or position is out of range     "embedding_forward: id 40 at flat index 3 ..."
 //   IoError       the operating system refused a read or write  "cannot open 'x.bin' for writing: ..."
 #pragma once
 
@@ -25,6 +26,7 @@ class ShapeError : public Error { public: using Error::Error; };
 class ConfigError : public Error { public: using Error::Error; };
 class FormatError : public Error { public: using Error::Error; };
 class NumericError : public Error { public: using Error::Error; };
+class IndexError : public Error { public: using Error::Error; };
 class IoError : public Error { public: using Error::Error; };
 
 namespace detail {
