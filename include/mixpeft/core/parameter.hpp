@@ -88,9 +88,9 @@ void zero_grads(const ParameterList<T, Backend>& list) {
 
 // Collects the parameters of anything with collect_parameters(list, prefix).
 template <class T, class Backend = Cpu, class Module>
-ParameterList<T, Backend> parameters_of(Module& module, const std::string& prefix = "") {
+ParameterList<T, Backend> parameters_of(Module& owner, const std::string& prefix = "") {
   ParameterList<T, Backend> list;
-  module.collect_parameters(list, prefix);
+  owner.collect_parameters(list, prefix);
   return list;
 }
 

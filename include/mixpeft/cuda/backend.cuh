@@ -1,0 +1,39 @@
+// mixpeft/cuda/backend.cuh — the CUDA backend tag, and every CUDA op (include this one header).
+//
+// `Layer<T, Cuda>` stores its parameters and activations as cuda::DeviceTensor<T>; its unqualified op calls
+// (linear_forward(x, W, b, y), rmsnorm_backward(...), resize_to(t, shape), ...) then resolve by
+// argument-dependent lookup to the overloads in namespace mixpeft::cuda declared by the headers below.
+// Ops whose CPU versions take a host-side cache or table type have device counterparts, named by the
+// aliases here so that generic code can spell them through the backend:
+//   typename Backend::template attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
+// The ids of embedding and the targets of cross-entropy stay host tensors on both backends.
+#pragma once
+
+#include "mixpeft/core/backend.hpp"
+#include "mixpeft/cuda/activations.cuh"
+#include "mixpeft/cuda/attention.cuh"
+#include "mixpeft/cuda/cross_entropy.cuh"
+#include "mixpeft/cuda/device_tensor.cuh"
+#include "mixpeft/cuda/dropout.cuh"
+#include "mixpeft/cuda/embedding.cuh"
+#include "mixpeft/cuda/layernorm.cuh"
+#include "mixpeft/cuda/matmul.cuh"
+#include "mixpeft/cuda/rmsnorm.cuh"
+#include "mixpeft/cuda/rope.cuh"
+#include "mixpeft/cuda/softmax.cuh"
+
+namespace mixpeft {
+
+struct Cuda {
+  template <class T>
+  using tensor = cuda::DeviceTensor<T>;
+  template <class T>
+  using attention_cache = cuda::AttentionCache<T>;
+  template <class T>
+  using cross_entropy_cache = cuda::CrossEntropyCache<T>;
+  template <class T>
+  using rope_table = cuda::DeviceRopeTable<T>;
+  static constexpr const char* name = "cuda";
+};
+
+}  // namespace mixpeft

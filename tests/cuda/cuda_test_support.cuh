@@ -1,0 +1,73 @@
+// Shared by the CUDA test programs: the skipping fixture, per-dtype tolerances, and moving test data between
+// the host (double, for CPU reference ops) and the device (any storage type).
+// Tests live in namespace mixpeft::cuda_test, so unqualified op calls find the CPU op by ordinary lookup and
+// the CUDA op by argument-dependent lookup, exactly as layers do. (A `using namespace mixpeft` at file scope
+// would make `testing` ambiguous in the host stubs nvcc generates for typed tests.)
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <utility>
+
+#include "mixpeft/core/rng.hpp"
+#include "mixpeft/core/tensor.hpp"
+#include "mixpeft/cuda/device_tensor.cuh"
+#include "mixpeft/testing/gradcheck.hpp"
+
+namespace mixpeft::cuda_test {
+
+using cuda::DeviceTensor;
+
+// Every CUDA test skips on a machine without a usable device.
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// Norm-wise relative error ||got - want|| / ||got + want|| allowed for a result stored as T, against a double
+// CPU reference computed from the very values the device holds (inputs rounded to T first).
+template <class T>
+constexpr double tolerance = 1e-5;
+template <>
+constexpr double tolerance<double> = 1e-12;
+template <>
+constexpr double tolerance<__nv_bfloat16> = 1e-2;
+template <>
+constexpr double tolerance<__half> = 2e-3;
+
+template <class T>
+struct OnDevice {
+  DeviceTensor<T> dev;
+  Tensor<double> host;  // exactly the values dev holds
+};
+
+template <class T>
+OnDevice<T> put(const Tensor<double>& values) {
+  DeviceTensor<T> dev = cuda::upload_as<T>(values);
+  Tensor<double> host = cuda::download_as<double>(dev);
+  return {std::move(dev), std::move(host)};
+}
+
+template <class T>
+OnDevice<T> random_on_device(const Shape& shape, Rng& rng, double scale = 1.0) {
+  return put<T>(mixpeft::testing::random_tensor<double>(shape, rng, scale));
+}
+
+template <class T>
+Tensor<double> get(const DeviceTensor<T>& t) {
+  return cuda::download_as<double>(t);
+}
+
+inline ::testing::AssertionResult agrees(const Tensor<double>& got, const Tensor<double>& want, double tol) {
+  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
+    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
+                                         << shape_string(want.shape());
+  const double err = mixpeft::testing::relative_error(got, want);
+  if (err < tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "relative error " << err << " >= " << tol << " (max abs diff "
+                                       << mixpeft::testing::max_abs_diff(got, want) << ")";
+}
+
+}  // namespace mixpeft::cuda_test
