@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace mixpeft {
 
@@ -73,5 +76,9 @@ class Rng {
   double spare_ = 0.0;
   bool has_spare_ = false;
 };
+
+// The random streams of a module (dropout masks, routing noise) by dotted name, listed by
+// collect_rngs(list, prefix) next to collect_parameters; checkpoints save and restore them.
+using NamedRngs = std::vector<std::pair<std::string, Rng*>>;
 
 }  // namespace mixpeft

@@ -11,10 +11,13 @@
 #include <Eigen/Core>
 #include <xtensor/xarray.hpp>
 
+#include <array>
 #include <cstddef>
 #include <initializer_list>
 #include <limits>
+#include <new>
 #include <numeric>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -24,8 +27,27 @@
 
 namespace mixpeft {
 
+// Storage is 64-byte aligned (a cache line, an AVX-512 vector): Eigen then takes the same vectorised path
+// through every buffer, so results do not depend on where malloc happened to put them, and a resumed run
+// repeats an uninterrupted one bit for bit.
 template <class T>
-using Tensor = xt::xarray<T, xt::layout_type::row_major>;
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t alignment{64};
+  AlignedAllocator() noexcept = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, alignment); }
+  template <class U>
+  struct rebind {
+    using other = AlignedAllocator<U>;
+  };
+  friend bool operator==(const AlignedAllocator&, const AlignedAllocator&) noexcept { return true; }
+};
+
+template <class T>
+using Tensor = xt::xarray<T, xt::layout_type::row_major, AlignedAllocator<T>>;
 
 using Shape = std::vector<std::size_t>;
 
@@ -38,19 +60,49 @@ using ConstMatrixView = Eigen::Map<const RowMatrix<T>>;
 
 inline constexpr std::size_t any_extent = std::numeric_limits<std::size_t>::max();
 
-template <class S>
-std::string shape_string(const S& shape) {
-  std::ostringstream os;
-  os << '[';
-  bool first = true;
-  for (auto e : shape) {
-    if (!first) os << ", ";
-    first = false;
-    if (static_cast<std::size_t>(e) == any_extent) os << '*';
-    else os << e;
+// A shape captured for an error message, formatted only when streamed ("[4, *, 512]"). Checks on hot paths pass
+// shape_string(...) to require(), which builds its message only on failure: capturing costs no allocation.
+class ShapeText {
+ public:
+  template <class S>
+  explicit ShapeText(const S& shape) {
+    for (auto e : shape) {
+      if (rank_ < extents_.size()) extents_[rank_] = static_cast<std::size_t>(e);
+      ++rank_;
+    }
   }
-  os << ']';
-  return os.str();
+  friend std::ostream& operator<<(std::ostream& os, const ShapeText& s) {
+    os << '[';
+    for (std::size_t i = 0; i < s.rank_; ++i) {
+      if (i) os << ", ";
+      if (i == s.extents_.size()) {
+        os << "...";
+        break;
+      }
+      if (s.extents_[i] == any_extent) os << '*';
+      else os << s.extents_[i];
+    }
+    return os << ']';
+  }
+  std::string str() const {
+    std::ostringstream os;
+    os << *this;
+    return os.str();
+  }
+  operator std::string() const { return str(); }
+
+ private:
+  std::array<std::size_t, 8> extents_{};
+  std::size_t rank_ = 0;
+};
+
+template <class S>
+ShapeText shape_string(const S& shape) {
+  return ShapeText(shape);
+}
+template <class E>
+ShapeText shape_string(std::initializer_list<E> shape) {
+  return ShapeText(shape);
 }
 
 template <class T>
@@ -129,24 +181,25 @@ bool has_shape(const Tensor<T>& t, std::initializer_list<std::size_t> expected) 
 template <class T>
 void expect_shape(std::string_view op, std::string_view name, const Tensor<T>& t,
                   std::initializer_list<std::size_t> expected) {
-  require<ShapeError>(has_shape(t, expected), op, ": ", name, " has shape ", shape_string(t.shape()),
-                      ", expected ", shape_string(expected));
+  if (!has_shape(t, expected))
+    throw ShapeError(detail::concat(op, ": ", name, " has shape ", shape_string(t.shape()), ", expected ",
+                                    shape_string(expected)));
 }
 
 // Checks that a tensor's last axis has `width` entries (any rank >= 1).
 template <class T>
 void expect_width(std::string_view op, std::string_view name, const Tensor<T>& t, std::size_t width) {
-  require<ShapeError>(t.dimension() >= 1 && t.shape().back() == width, op, ": ", name, " has shape ",
-                      shape_string(t.shape()), ", expected [..., ", width, "]");
+  if (t.dimension() < 1 || t.shape().back() != width)
+    throw ShapeError(detail::concat(op, ": ", name, " has shape ", shape_string(t.shape()), ", expected [..., ", width,
+                                    "]"));
 }
 
 template <class T, class U>
 void expect_same_shape(std::string_view op, std::string_view name_a, const Tensor<T>& a,
                        std::string_view name_b, const Tensor<U>& b) {
-  require<ShapeError>(a.dimension() == b.dimension() &&
-                          std::equal(a.shape().begin(), a.shape().end(), b.shape().begin()),
-                      op, ": ", name_a, " has shape ", shape_string(a.shape()), " but ", name_b,
-                      " has shape ", shape_string(b.shape()));
+  if (a.dimension() != b.dimension() || !std::equal(a.shape().begin(), a.shape().end(), b.shape().begin()))
+    throw ShapeError(detail::concat(op, ": ", name_a, " has shape ", shape_string(a.shape()), " but ", name_b,
+                                    " has shape ", shape_string(b.shape())));
 }
 
 }  // namespace mixpeft

@@ -9,28 +9,11 @@
 
 #include <string_view>
 
-#include "mixpeft/core/parallel.hpp"
 #include "mixpeft/core/tensor.hpp"
+#include "mixpeft/ops/elementwise.hpp"
 
 namespace mixpeft {
 
-namespace detail {
-template <class T>
-using ArrayView = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
-template <class T>
-using ConstArrayView = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
-
-// Calls f(offset, length) over the flat storage of a tensor with `n` elements, split across threads.
-template <class F>
-void for_blocks(std::size_t n, F&& f) {
-  constexpr std::size_t block = 4096;
-  const std::size_t blocks = (n + block - 1) / block;
-  parallel_rows(blocks, block, [&](std::size_t b) {
-    const std::size_t begin = b * block;
-    f(begin, std::min(block, n - begin));
-  });
-}
-}  // namespace detail
 
 template <class T>
 void silu_forward(const Tensor<T>& x, Tensor<T>& y) {

@@ -46,8 +46,6 @@ namespace mixpeft {
 
 static_assert(std::is_trivially_copyable_v<Rng>, "checkpoints store an Rng as its object bytes");
 
-// Generators saved and restored by name (dropout, data order, ...).
-using NamedRngs = std::vector<std::pair<std::string, Rng*>>;
 
 struct CheckpointInfo {
   std::int64_t step = 0;                              // the trainer's step counter
