@@ -321,6 +321,19 @@ TEST(LoRAExperts, GradientCheckSparseReferenceRouting) {
   }
 }
 
+TEST(LoRAExperts, GradientCheckOneExpertWithDropoutOnBatchedInput) {
+  // K = 1 keeps the [B, T, D] input as is (no router permutation); the dropout mask must still line up.
+  Rng rng(17);
+  Layer layer(small(1, 0.3), rng);
+  randomise(layer, rng);
+  auto make = [] {
+    Rng r(17);
+    return Layer(small(1, 0.3), r);
+  };
+  Tensor<double> x = random_tensor<double>({2, 4, D}, rng);
+  gradient_check(layer, make, x, false, "one expert, dropout, [B, T, D]");
+}
+
 TEST(LoRAExperts, GradientCheckRoutingThroughGateScaling) {
   Rng rng(8);
   Config cfg = small(3);

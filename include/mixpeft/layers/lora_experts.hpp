@@ -262,8 +262,14 @@ class ExpertLoRA {
   void forward(const Tensor& x, const IndexTensor& offsets, const Tensor* gates, bool training, Rng& rng,
                Tensor& y, bool accumulate, Cache& c) {
     const bool drop = training && dropout_ > 0;
-    if (drop) dropout_forward(x, dropout_, true, rng, c.xd, c.mask);
-    else resize_to(c.mask, Shape{0});
+    if (drop) {
+      // Kept as rows [M, in] so the backward's row-shaped gradients line up with the mask for any x rank.
+      dropout_forward(x, dropout_, true, rng, c.xd, c.mask);
+      c.xd.reshape({rows(x), x.shape().back()});
+      c.mask.reshape({rows(x), x.shape().back()});
+    } else {
+      resize_to(c.mask, Shape{0});
+    }
     bind(c);
     grouped_linear_forward(drop ? c.xd : x, c.a, offsets, T(1), false, c.h);
     if (gates) scale_rows_forward(c.h, *gates, c.hc);
