@@ -233,9 +233,11 @@ TEST(Llama, PeftModulesAreNamedAndTheBaseIsFrozen) {
   const Tensor<double> logits = model.forward_ids(ids, {.causal = true, .block_first_key = true}, cache);
   model.backward_ids(cache, random_tensor<double>(shape_of(logits), rng));
   for (const auto& ref : base) EXPECT_EQ(ref.param->grad.size(), 0u) << ref.name;
-  for (const auto& ref : parameters_of<double>(model))  // experts may get no tokens; a top-1 router no task gradient
-    if (ref.param->trainable && ref.name.find(".mlp.") == std::string::npos)
+  for (const auto& ref : parameters_of<double>(model)) {  // experts may get no tokens; a top-1 router no task gradient
+    if (ref.param->trainable && ref.name.find(".mlp.") == std::string::npos) {
       EXPECT_GT(xt::amax(xt::abs(ref.param->grad))(), 0.0) << ref.name;
+    }
+  }
   EXPECT_EQ(count_parameters(parameters_of<double>(model), true) + count_parameters(base, false),
             count_parameters(parameters_of<double>(model), false));
 }

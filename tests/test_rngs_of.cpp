@@ -39,7 +39,7 @@ std::vector<MoleD::Sample> samples() {
   const auto id = [&] { return std::int64_t(2 + rng.below(11)); };
   std::vector<MoleD::Sample> out;
   for (int i = 0; i < 3; ++i) {
-    MoleD::Sample s{.prefix = {id()}, .prompt = {id(), id()}, .answer = {id(), id()}};
+    MoleD::Sample s{.prefix = {id()}, .prompt = {id(), id()}, .answer = {id(), id()}, .image = {}};
     if (i == 0) s.image = random_tensor<double>({2, 4, 4}, rng);
     out.push_back(std::move(s));
   }

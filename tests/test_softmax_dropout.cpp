@@ -1,4 +1,7 @@
 #include <gtest/gtest.h>
+#include <omp.h>
+
+#include <xtensor/xview.hpp>
 
 #include <cmath>
 
@@ -62,6 +65,25 @@ TEST(Dropout, SameSeedSameMask) {
   dropout_forward(x, 0.3, true, a, y1, m1);
   dropout_forward(x, 0.3, true, b, y2, m2);
   EXPECT_EQ(m1, m2);
+}
+
+TEST(Dropout, MaskDependsOnTheSeedNotOnTheThreadCount) {
+  // Large enough to span many blocks and run threaded.
+  Tensor<float> x = zeros<float>({64, 4096}), y, serial, threaded, next;
+  x.fill(1.0f);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  Rng a(11);
+  dropout_forward(x, 0.25, true, a, y, serial);
+  omp_set_num_threads(std::max(2, threads));
+  Rng b(11);
+  dropout_forward(x, 0.25, true, b, y, threaded);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(serial, threaded);
+  dropout_forward(x, 0.25, true, b, y, next);  // the stream moved on: a new mask
+  EXPECT_NE(serial, next);
+  // Elements draw distinct bits: the first two 4096-element rows differ.
+  EXPECT_NE(Tensor<float>(xt::view(serial, 0, xt::all())), Tensor<float>(xt::view(serial, 1, xt::all())));
 }
 
 TEST(Dropout, GradientCheckWithFixedMask) {

@@ -66,6 +66,7 @@ class LoRALinear {
     Tensor t;     // [..., r]   x_d A^T
     Tensor g;     // [N, r]     backward workspace: dy B
     Tensor dx_d;  // [..., in]  backward workspace: s g A before the dropout mask
+    Tensor dbt;   // [r, out]   backward workspace: dB^T
   };
 
   LoRALinear(const Config& config, Rng& rng) : config_(config) {
@@ -160,8 +161,13 @@ class LoRALinear {
 
     resize_to(cache.g, Shape{n, r});
     gemm(Trans::No, Trans::No, n, r, out, T(1), dy.data(), lora.B.value.data(), T(0), cache.g.data());
-    if (lora.B.trainable)
-      gemm(Trans::Yes, Trans::No, out, r, n, s, dy.data(), cache.t.data(), T(1), lora.B.grad.data());
+    if (lora.B.trainable) {
+      // dB^T = s t^T dy first: a reduction over rows with both operands read row-major, about twice as fast as
+      // dy^T t straight into dB [out, r].
+      resize_to(cache.dbt, Shape{r, out});
+      gemm(Trans::Yes, Trans::No, r, out, n, s, cache.t.data(), dy.data(), T(0), cache.dbt.data());
+      matrix_view(lora.B.grad.data(), out, r).noalias() += matrix_view(cache.dbt.data(), r, out).transpose();
+    }
     if (lora.A.trainable)
       gemm(Trans::Yes, Trans::No, r, in, n, s, cache.g.data(), (drop ? cache.x_d : cache.x).data(), T(1),
            lora.A.grad.data());
