@@ -23,8 +23,8 @@
 //   answers name the option's content ("8") rather than its letter (--answer letter: ScienceQA's "(A)"); the
 //   answer is the option alone (--sentence: "the answer is 8 ."); a second MM-Adapter sits before every LLM FFN
 //   (--no-adapter-ffn: LaVIN's default placement, before attention only).
-// Outputs in --out: lavin_runs.csv (one row per seed and run), lavin_tasks.csv (per-task accuracy) and
-// lavin_results.json (everything, with loss curves, tables, settings and timings). For a given --seed the
+// Outputs in --out: lavin_runs.csv (one row per seed and run), lavin_tasks.csv (per-task accuracy),
+// lavin_results.json (everything, with loss curves, tables, settings and timings) and results.md (the tables). For a given --seed the
 // results are reproducible (on one thread; more threads change floating-point summation order).
 #include <CLI/CLI.hpp>
 #include <Eigen/Core>
@@ -40,7 +40,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <optional>
 #include <span>
@@ -57,6 +56,7 @@
 #include "common/tokenizer.hpp"
 #include "mixpeft/core/parameter.hpp"
 #include "mixpeft/core/rng.hpp"
+#include "mixpeft/io/atomic_file.hpp"
 #include "mixpeft/models/lavin.hpp"
 #include "mixpeft/models/param_count.hpp"
 #include "mixpeft/train/lr_schedule.hpp"
@@ -74,7 +74,7 @@ struct Options {
   std::uint64_t seed = 0;
   std::size_t seeds = 1;  // seeds seed .. seed + seeds - 1; tables give mean and standard deviation
   bool full = false;
-  std::string out = "lavin_results";
+  std::string out = "out/lavin_ablation";
   std::string cache_dir = "build/cache";
   std::string data_dir = MIXPEFT_DATA_DIR;
   bool retrain_backbones = false;
@@ -474,11 +474,7 @@ nlohmann::json run_json(const RunResult& r) {
           {"tasks", tasks}, {"losses", r.losses}};
 }
 
-void write_file(const fs::path& path, const std::string& text) {
-  std::ofstream f(path);
-  require<IoError>(bool(f), "cannot write ", path.string());
-  f << text;
-}
+void write_file(const fs::path& path, const std::string& text) { write_file_atomically(path, text); }
 
 struct Tables {
   ex::Table ladder{{"Setting", "#T-Params", "IMG", "TXT", "Avg", "gain"}};
@@ -560,7 +556,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_flag("--quick", quick, "the default settings (about 2 minutes on one core once the backbones are cached, 40 s more to pre-train them)");
   app.add_flag("--full", o.full, "longer runs: 4000 training samples, 1000 test samples, 8 epochs");
-  app.add_option("--out", o.out, "directory for lavin_runs.csv, lavin_tasks.csv and lavin_results.json");
+  app.add_option("--out", o.out, "directory for lavin_runs.csv, lavin_tasks.csv, lavin_results.json and results.md (the tables)");
   app.add_option("--cache-dir", o.cache_dir, "where the pre-trained backbones are cached");
   app.add_option("--data-dir", o.data_dir, "directory with digits_images.npy and digits_labels.npy");
   app.add_flag("--retrain-backbones", o.retrain_backbones, "pre-train the backbones even when a cache matches");
@@ -630,17 +626,20 @@ int main(int argc, char** argv) {
     const Tables t = make_tables(specs, runs, untuned, full_model);
     const std::string seeds = o.seeds == 1 ? "seed " + std::to_string(o.seed)
                                            : std::to_string(o.seeds) + " seeds from " + std::to_string(o.seed);
-    std::cout << "\nLaVIN ablation: test accuracy (%) on " << exp.test_size() << " questions, " << seeds << '\n';
-    t.ladder.print(std::cout);
-    std::cout << "\nPer-task accuracy (%) of the ladder's rows\n";
-    t.tasks.print(std::cout);
-    std::cout << "\nAdapter width h (row (d))\n";
-    t.width.print(std::cout);
-    std::cout << "\nRouter temperature tau (row (d))\n";
-    t.tau.print(std::cout);
-    std::cout << "\nText-only ability (%): TXT = text questions (multiple choice), cloze = held-out facts in the corpus's "
-                 "form; routing gap = mean over LLM layers of |w0(text rows) - w0(image rows)|\n";
-    t.retention.print(std::cout);
+    std::ostringstream report;  // the tables, printed and written to results.md
+    report << "LaVIN ablation: test accuracy (%) on " << exp.test_size() << " questions, " << seeds << '\n';
+    t.ladder.print(report);
+    report << "\nPer-task accuracy (%) of the ladder's rows\n";
+    t.tasks.print(report);
+    report << "\nAdapter width h (row (d))\n";
+    t.width.print(report);
+    report << "\nRouter temperature tau (row (d))\n";
+    t.tau.print(report);
+    report << "\nText-only ability (%): TXT = text questions (multiple choice), cloze = held-out facts in the corpus's "
+              "form; routing gap = mean over LLM layers of |w0(text rows) - w0(image rows)|\n";
+    t.retention.print(report);
+
+    std::cout << "\nResults (also in " << (fs::path(o.out) / "results.md").string() << "):\n" << report.str();
 
     fs::create_directories(o.out);
     ex::Table csv({"seed", "group", "name", "vision", "joint", "routing", "hidden", "tau", "image_fraction",
@@ -663,6 +662,7 @@ int main(int argc, char** argv) {
     }
     write_file(fs::path(o.out) / "lavin_runs.csv", csv.csv());
     write_file(fs::path(o.out) / "lavin_tasks.csv", tasks.csv());
+    write_file(fs::path(o.out) / "results.md", report.str());
     const auto& st = backbones.stats();
     nlohmann::json j = {
         {"seed", o.seed},
@@ -688,7 +688,7 @@ int main(int argc, char** argv) {
     };
     for (const auto& r : runs) j["runs"].push_back(run_json(r));
     write_file(fs::path(o.out) / "lavin_results.json", j.dump(1) + "\n");
-    std::printf("\nwrote %s/{lavin_runs.csv, lavin_tasks.csv, lavin_results.json}; total %.1f s\n", o.out.c_str(),
+    std::printf("\nwrote %s/{lavin_runs.csv, lavin_tasks.csv, lavin_results.json, results.md}; total %.1f s\n", o.out.c_str(),
                 total_seconds);
   } catch (const std::exception& e) {
     std::cerr << "lavin_ablation: " << e.what() << '\n';

@@ -226,7 +226,8 @@ def losses_figure(results, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="the --out directory of lavin_ablation")
+    parser.add_argument("--in", dest="results", default="out/lavin_ablation",
+                        help="the --out directory of lavin_ablation (default: out/lavin_ablation)")
     parser.add_argument("--docs", default="docs", help="where to write the PNGs (default: docs)")
     args = parser.parse_args()
     rows = read_runs(os.path.join(args.results, "lavin_runs.csv"))
