@@ -3,7 +3,9 @@
 
 #include <xtensor/xview.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "mixpeft/ops/dropout.hpp"
 #include "mixpeft/ops/softmax.hpp"
@@ -84,6 +86,28 @@ TEST(Dropout, MaskDependsOnTheSeedNotOnTheThreadCount) {
   EXPECT_NE(serial, next);
   // Elements draw distinct bits: the first two 4096-element rows differ.
   EXPECT_NE(Tensor<float>(xt::view(serial, 0, xt::all())), Tensor<float>(xt::view(serial, 1, xt::all())));
+}
+
+TEST(Dropout, MaskIsTheDocumentedCounterHash) {
+  Tensor<double> x = zeros<double>({3, 7}), y, mask;
+  x.fill(2.0);
+  const double p = 0.4;
+  Rng rng(21), key_rng(21);
+  dropout_forward(x, p, true, rng, y, mask);
+  const std::uint64_t key = key_rng.next_u64();
+  const auto threshold = std::uint64_t(std::nearbyint(p * 4294967296.0));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const bool keep = detail::dropout_bits(key, i) >= threshold;
+    EXPECT_EQ(mask.data()[i], keep ? 1.0 / (1.0 - p) : 0.0) << i;
+    EXPECT_EQ(y.data()[i], keep ? 2.0 / (1.0 - p) : 0.0) << i;
+  }
+  // The high half of the index enters the hash (elements 2^32 apart differ), and the mixer is a bijection on a
+  // sample of inputs.
+  EXPECT_NE(detail::dropout_bits(key, 5), detail::dropout_bits(key, 5 + (std::uint64_t(1) << 32)));
+  std::vector<std::uint32_t> mixed;
+  for (std::uint32_t v = 0; v < 100000; ++v) mixed.push_back(detail::dropout_mix(v));
+  std::sort(mixed.begin(), mixed.end());
+  EXPECT_EQ(std::adjacent_find(mixed.begin(), mixed.end()), mixed.end());
 }
 
 TEST(Dropout, GradientCheckWithFixedMask) {

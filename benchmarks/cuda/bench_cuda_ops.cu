@@ -24,7 +24,7 @@ template <class T>
 __global__ void fill_kernel(T* data, std::size_t n, std::uint64_t seed) {
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
        i += std::size_t(gridDim.x) * blockDim.x)
-    data[i] = cuda::narrow<T>(float(cuda::detail::splitmix64_at(seed, i) >> 40) * 0x1.0p-23f - 1.0f);
+    data[i] = cuda::narrow<T>(float(mixpeft::detail::dropout_bits(seed, i) >> 8) * 0x1.0p-23f - 1.0f);
 }
 
 template <class T>

@@ -171,6 +171,18 @@ TEST_F(CudaTest, DropoutMasksRepeatWithTheSeed) {
   EXPECT_NE(cuda::download(mask_a1), cuda::download(mask_a2));
 }
 
+TEST_F(CudaTest, DropoutMasksEqualTheCpuOpsForTheSameSeed) {
+  Rng data(26);
+  const Tensor<float> x_host = testing::random_tensor<float>({37, 1001}, data);
+  Rng gpu_rng(12), cpu_rng(12);
+  DeviceTensor<float> y, mask;
+  dropout_forward(cuda::upload(x_host), 0.1, true, gpu_rng, y, mask);
+  Tensor<float> y_cpu, mask_cpu;
+  dropout_forward(x_host, 0.1, true, cpu_rng, y_cpu, mask_cpu);
+  EXPECT_EQ(cuda::download(mask), mask_cpu);
+  EXPECT_EQ(cuda::download(y), y_cpu);
+}
+
 TEST_F(CudaTest, DropoutInEvalModeIsTheIdentity) {
   Rng data(25), rng(1);
   const Tensor<float> x_host = testing::random_tensor<float>({3, 5}, data);

@@ -3,10 +3,9 @@
 //   training, p > 0:  y = x * m,  m_i = 1/(1-p) with probability 1-p, else 0   (mask m cached)
 //   eval or p == 0:   y = x, and the mask is left empty (size 0): backward is the identity
 //   backward:         dx = dy * m                                               (dx written)
-// Random numbers: each call draws one 64-bit seed s from the caller's Rng and element i keeps its input when
-// the top 32 bits of splitmix64(s + (i + 1) * golden) are >= round(p * 2^32), where splitmix64's finaliser is
-// a bijective 64-bit mixer. The draw depends only on (s, i), so any launch geometry gives the same mask and a
-// seeded run repeats its masks exactly; the masks differ from the CPU op's (which draws one uniform per element).
+// Random numbers: the CPU op's counter hash (mixpeft::detail::dropout_bits, ops/dropout.hpp): one 64-bit key per
+// call from the caller's Rng, element i kept when its 32 random bits are >= round(p 2^32). The draw
+// depends only on (key, i), so any launch geometry gives the same mask, and the same seed gives the CPU op's mask.
 // Shapes: any; x, y, mask, dy, dx share one shape.
 #pragma once
 
@@ -20,16 +19,10 @@
 #include "mixpeft/core/rng.hpp"
 #include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/cuda/elementwise.cuh"
+#include "mixpeft/ops/dropout.hpp"
 
 namespace mixpeft::cuda {
 namespace detail {
-
-__host__ __device__ inline std::uint64_t splitmix64_at(std::uint64_t seed, std::uint64_t index) {
-  std::uint64_t z = seed + (index + 1) * 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 struct DropoutForward {  // x -> y, mask
   std::uint64_t seed;
@@ -37,7 +30,7 @@ struct DropoutForward {  // x -> y, mask
   double keep_scale;
   template <class A>
   __device__ void operator()(std::size_t i, const A (&x)[1], A (&y)[2]) const {
-    const auto draw = std::uint32_t(splitmix64_at(seed, i) >> 32);
+    const std::uint32_t draw = mixpeft::detail::dropout_bits(seed, i);
     const A m = draw >= threshold ? A(keep_scale) : A(0);
     y[0] = x[0] * m;
     y[1] = m;
@@ -50,12 +43,6 @@ struct Multiply {  // a, b -> a * b
     y[0] = x[0] * x[1];
   }
 };
-
-// round(p * 2^32), kept below 2^32 (p < 1).
-inline std::uint32_t dropout_threshold(double p) {
-  const double scaled = std::nearbyint(std::ldexp(p, 32));
-  return scaled >= 4294967295.0 ? 0xffffffffu : std::uint32_t(scaled);
-}
 
 }  // namespace detail
 
@@ -72,7 +59,7 @@ void dropout_forward(const DeviceTensor<T>& x, double p, bool training, Rng& rng
     return;
   }
   resize_to(mask, shape_of(x));
-  const detail::DropoutForward f{rng.next_u64(), detail::dropout_threshold(p), 1.0 / (1.0 - p)};
+  const detail::DropoutForward f{rng.next_u64(), mixpeft::detail::dropout_threshold(p), 1.0 / (1.0 - p)};
   detail::map_elements<T, 1, 2>("dropout_forward", x.size(), f, {x.data()}, {y.data(), mask.data()});
 }
 
