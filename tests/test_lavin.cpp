@@ -66,13 +66,36 @@ void expect_gradient(const std::function<double()>& loss, Tensor<double>& x, con
   else EXPECT_LT(relative_error(analytic, numeric), 1e-6) << name;
 }
 
-// The answer cross-entropy of a mixed batch, differentiated w.r.t. every trainable parameter.
+// Image+text, text-only, image+text: the second image belongs to the third sequence.
+std::vector<LavinD::Sample> gradient_samples(Rng& rng) {
+  std::vector<LavinD::Sample> s = mixed_samples(rng);
+  s.push_back(sample({2}, {4}, {5, 6}, image(rng)));
+  return s;
+}
+
+// The pixel gradient of the answer cross-entropy against central differences (dloss scales it).
+void check_image_gradient(LavinD& model, LavinD::Batch& batch, double dloss = 1.0) {
+  auto loss = [&] {
+    LavinD::Cache c;
+    return dloss * double(model.loss(batch, c));
+  };
+  LavinD::Cache cache;
+  model.loss(batch, cache);
+  Tensor<double> d_images;
+  model.backward(cache, dloss, &d_images);
+  ASSERT_EQ(shape_of(d_images), shape_of(batch.images));
+  for (std::size_t i = 0; i < batch.images.shape()[0]; ++i)  // every image reaches the loss
+    EXPECT_GT(xt::amax(xt::abs(xt::view(d_images, i, xt::all(), xt::all(), xt::all())))(), 1e-6) << "image " << i;
+  EXPECT_LT(gradient_error(loss, batch.images, d_images), 1e-6);
+}
+
+// The answer cross-entropy of a mixed batch, differentiated w.r.t. every trainable parameter and the pixels.
 void gradient_check(const LavinD::Config& config) {
   Rng rng(7);
   LavinD model(config, rng);
   model.set_training(false);
   randomize(model, rng);
-  const LavinD::Batch batch = model.make_batch(mixed_samples(rng));
+  LavinD::Batch batch = model.make_batch(gradient_samples(rng));
   auto loss = [&] {
     LavinD::Cache c;
     return double(model.loss(batch, c));
@@ -92,6 +115,7 @@ void gradient_check(const LavinD::Config& config) {
   }
   EXPECT_EQ(checked.size(), 4u);
   EXPECT_EQ(checked.count(""), 0u) << "a backbone parameter is trainable";
+  check_image_gradient(model, batch);
 }
 
 double max_diff(const Tensor<double>& a, const Tensor<double>& b) { return max_abs_diff(a, b); }
@@ -102,6 +126,40 @@ double max_diff(const Tensor<double>& a, const Tensor<double>& b) { return max_a
 TEST(Lavin, GradientCheckMixedBatch) { gradient_check(tiny_config()); }
 
 TEST(Lavin, GradientCheckWithAdaptersBeforeTheFeedForward) { gradient_check(tiny_config(/*before_ffn=*/true)); }
+
+TEST(Lavin, ImageGradientThroughAFullyFrozenVisionTower) {
+  LavinD::Config config = tiny_config();
+  config.vit_adapter = std::nullopt;  // no trainable ViT parameter: the pixels' request alone drives the ViT backward
+  Rng rng(17);
+  LavinD model(config, rng);
+  model.set_training(false);
+  randomize(model, rng);
+  LavinD::Batch batch = model.make_batch(gradient_samples(rng));
+  check_image_gradient(model, batch, /*dloss=*/0.7);
+}
+
+TEST(Lavin, ImageGradientIsOptionalAndLeavesParameterGradientsAlone) {
+  Rng rng(18);
+  LavinD model(tiny_config(), rng);
+  model.set_training(false);
+  randomize(model, rng);
+  const LavinD::Batch batch = model.make_batch(gradient_samples(rng));
+  auto params = parameters_of<double>(model);
+  zero_grads(params);
+  model.loss_and_backward(batch);
+  std::vector<Tensor<double>> plain;
+  for (auto& ref : params) plain.push_back(ref.param->grad);
+  zero_grads(params);
+  Tensor<double> d_images;
+  model.loss_and_backward(batch, &d_images);
+  EXPECT_EQ(shape_of(d_images), shape_of(batch.images));
+  for (std::size_t i = 0; i < params.size(); ++i)
+    EXPECT_EQ(max_diff(params[i].param->grad, plain[i]), 0.0) << params[i].name;
+  // A text-only batch has no pixels: the gradient is empty.
+  d_images = random_tensor<double>({1, 2, 4, 4}, rng);
+  model.loss_and_backward(model.make_batch({sample({3}, {4, 5}, {6, 7})}), &d_images);
+  EXPECT_EQ(shape_of(d_images), (Shape{0}));
+}
 
 TEST(Lavin, FrozenParametersGetNoGradients) {
   Rng rng(8);
@@ -222,6 +280,24 @@ TEST(Lavin, OverfitsAFewSamplesAndGeneratesTheirAnswers) {
   EXPECT_GT(first, 1.5);  // log V = 2.56 for uniform predictions; the scaled random head starts near or above it
   EXPECT_LT(last, 0.05);
   for (const auto& s : samples) EXPECT_EQ(model.generate(s, s.answer.size()), s.answer);
+}
+
+TEST(Lavin, GenerateRestoresTheModeOnEveryExit) {
+  Rng rng(19);
+  LavinD model(tiny_config(), rng);
+  randomize(model, rng);
+  const LavinD::Sample fits = sample({3}, {4, 5}, {}, image(rng));
+  // 2 + 40 positions exceed max_seq = 32: the prefill throws after the model has switched to eval mode.
+  const LavinD::Sample too_long = sample({}, std::vector<std::int64_t>(40, 5), {}, image(rng));
+  for (bool mode : {true, false}) {
+    model.set_training(mode);
+    EXPECT_EQ(model.generate(fits, 2).size(), 2u);
+    EXPECT_EQ(model.training(), mode);
+    EXPECT_THROW(model.generate(too_long, 2), ConfigError);
+    EXPECT_EQ(model.training(), mode);
+    EXPECT_EQ(model.llm().training(), mode);
+    EXPECT_EQ(model.vit().training(), mode);
+  }
 }
 
 // ---- parameter counts -----------------------------------------------------------------------------------------

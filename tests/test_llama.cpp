@@ -439,6 +439,10 @@ TEST(Llama, GreedyGenerationEqualsFullRecomputation) {
   const auto first_eos = std::find(generated.begin(), generated.end(), eos);
   EXPECT_EQ(model.generate(prompt, 6, eos), std::vector<std::int64_t>(generated.begin(), first_eos + 1));
   EXPECT_LE(model.generate(prompt, 100).size(), 16u - prompt.size() + 1);
+  // A prompt longer than max_seq fails inside generation; the training mode still comes back.
+  model.set_training(true);
+  EXPECT_THROW(model.generate(std::vector<std::int64_t>(20, 1), 2), Error);
+  EXPECT_TRUE(model.training());
 }
 
 // ---- errors -----------------------------------------------------------------------------------------------------

@@ -82,8 +82,31 @@ double routing_margin(const MoleD::Cache& c) {
   return margin;
 }
 
-// CE + balance loss of a mixed batch, differentiated w.r.t. every trainable parameter. Router weights are scaled
-// up so that no top-1 choice flips under the finite-difference perturbation.
+// Image+text, text-only, image+text: the second image belongs to the third sequence.
+std::vector<MoleD::Sample> gradient_samples(Rng& rng) {
+  std::vector<MoleD::Sample> s = mixed_samples(rng);
+  s.push_back(sample({}, {4}, {3, 5}, image(rng), 1));
+  return s;
+}
+
+// The pixel gradient of the whole loss (balance term included) against central differences.
+void check_image_gradient(MoleD& model, MoleD::Batch& batch, double dloss = 1.0) {
+  auto loss = [&] {
+    MoleD::Cache c;
+    return dloss * double(model.loss(batch, c));
+  };
+  MoleD::Cache cache;
+  model.loss(batch, cache);
+  Tensor<double> d_images;
+  model.backward(cache, dloss, &d_images);
+  ASSERT_EQ(shape_of(d_images), shape_of(batch.images));
+  for (std::size_t i = 0; i < batch.images.shape()[0]; ++i)  // every image reaches the loss
+    EXPECT_GT(xt::amax(xt::abs(xt::view(d_images, i, xt::all(), xt::all(), xt::all())))(), 1e-6) << "image " << i;
+  EXPECT_LT(gradient_error(loss, batch.images, d_images), 1e-6);
+}
+
+// CE + balance loss of a mixed batch, differentiated w.r.t. every trainable parameter and the pixels. Router
+// weights are scaled up so that no top-1 choice flips under the finite-difference perturbation.
 void gradient_check(const MoleD::Config& config) {
   Rng rng(21);
   MoleD model(config, rng);
@@ -91,7 +114,7 @@ void gradient_check(const MoleD::Config& config) {
   randomize(model, rng);
   for (auto& ref : parameters_of<double>(model))
     if (is_router(ref.name)) ref.param->value *= 8.0;
-  const MoleD::Batch batch = model.make_batch(mixed_samples(rng));
+  MoleD::Batch batch = model.make_batch(gradient_samples(rng));
   auto loss = [&] {
     MoleD::Cache c;
     return double(model.loss(batch, c));
@@ -115,7 +138,10 @@ void gradient_check(const MoleD::Config& config) {
   EXPECT_EQ(checked.count(""), 0u) << "a backbone parameter is trainable";
   EXPECT_EQ(checked.count("routers"), config.experts.experts > 1 ? 1u : 0u);
   EXPECT_EQ(checked.size(), config.experts.experts > 1 ? 4u : 3u);
+  check_image_gradient(model, batch, /*dloss=*/0.7);
 }
+
+std::size_t sum(const std::vector<std::size_t>& v) { return std::accumulate(v.begin(), v.end(), std::size_t(0)); }
 }  // namespace
 
 // ---- gradients ------------------------------------------------------------------------------------------------
@@ -141,6 +167,56 @@ TEST(LlavaMole, GradientCheckGShardAcrossLayers) {
 }
 
 TEST(LlavaMole, GradientCheckPlainLoRABaseline) { gradient_check(tiny_config(1)); }
+
+TEST(LlavaMole, ImageGradientIsOptionalAndLeavesParameterGradientsAlone) {
+  Rng rng(31);
+  MoleD model(tiny_config(), rng);
+  model.set_training(false);
+  randomize(model, rng);
+  const MoleD::Batch batch = model.make_batch(gradient_samples(rng));
+  auto params = parameters_of<double>(model);
+  zero_grads(params);
+  model.loss_and_backward(batch);
+  std::vector<Tensor<double>> plain;
+  for (auto& ref : params) plain.push_back(ref.param->grad);
+  zero_grads(params);
+  Tensor<double> d_images;
+  model.loss_and_backward(batch, &d_images);
+  EXPECT_EQ(shape_of(d_images), shape_of(batch.images));
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    EXPECT_EQ(max_abs_diff(params[i].param->grad, plain[i]), 0.0) << params[i].name;
+    if (params[i].name.rfind("vision_tower.", 0) == 0) {
+      EXPECT_EQ(params[i].param->grad.size(), 0u) << params[i].name;
+    }
+  }
+  // A text-only batch has no pixels: the gradient is empty.
+  d_images = random_tensor<double>({1, 2, 4, 4}, rng);
+  model.loss_and_backward(model.make_batch({sample({3}, {4, 5}, {6, 7})}), &d_images);
+  EXPECT_EQ(shape_of(d_images), (Shape{0}));
+}
+
+TEST(LlavaMole, AVisionTowerParameterMadeTrainableGetsItsGradient) {
+  Rng rng(32);
+  MoleD model(tiny_config(), rng);
+  model.set_training(false);
+  randomize(model, rng);
+  for (auto& ref : parameters_of<double>(model))
+    if (is_router(ref.name)) ref.param->value *= 8.0;
+  Parameter<double>& patch = model.vit().patch_weight();
+  patch.set_trainable(true);
+  const MoleD::Batch batch = model.make_batch(gradient_samples(rng));
+  auto loss = [&] {
+    MoleD::Cache c;
+    return double(model.loss(batch, c));
+  };
+  MoleD::Cache cache;
+  model.loss(batch, cache);
+  ASSERT_GT(routing_margin(cache), 1e-3);
+  model.backward(cache);  // no pixel gradient requested: the trainable weight alone opens the ViT backward
+  EXPECT_GT(xt::amax(xt::abs(patch.grad))(), 0.0);
+  const Tensor<double> g = patch.grad;
+  expect_gradient(loss, patch.value, g, patch.name);
+}
 
 TEST(LlavaMole, SparseRoutersLearnOnlyFromTheBalanceLoss) {
   for (double weight : {0.0, 1e-2}) {
@@ -212,6 +288,51 @@ TEST(LlavaMole, ExpertUsageIsReportedPerLayerAndDomain) {
   EXPECT_EQ(model.router_stats()->layers(), 0u);
 }
 
+TEST(LlavaMole, EachStepReportsItsOwnPerLayerExpertCounts) {
+  Rng rng(33);
+  MoleD model(tiny_config(), rng);
+  randomize(model, rng);
+  const MoleD::Batch a = model.make_batch(mixed_samples(rng)), b = model.make_batch(gradient_samples(rng));
+  const RouterStats<double>& stats = *model.router_stats();
+  // RouterStats' accumulated assignments per expert of layer l (top-1: one per valid token).
+  const auto accumulated = [&](std::size_t l) {
+    std::vector<double> counts = stats.usage(l);
+    for (double& c : counts) c *= stats.tokens(l);
+    return counts;
+  };
+  model.reset_router_stats();
+  const MoleD::Loss ra = model.loss_and_backward(a);
+  std::vector<std::vector<double>> before;
+  for (std::size_t l = 0; l < 2; ++l) before.push_back(accumulated(l));
+  const MoleD::Loss rb = model.loss_and_backward(b);
+  for (const auto* r : {&ra, &rb}) {
+    ASSERT_EQ(r->expert_counts.size(), 2u);
+    for (const auto& layer : r->expert_counts) {
+      ASSERT_EQ(layer.size(), 3u);
+      EXPECT_EQ(sum(layer), r->tokens);  // every valid position is routed once; padding is not counted
+    }
+  }
+  EXPECT_EQ(ra.tokens, a.lengths[0] + a.lengths[1]);
+  for (std::size_t l = 0; l < 2; ++l) {
+    const std::vector<double> after = accumulated(l);
+    for (std::size_t j = 0; j < 3; ++j) {
+      EXPECT_NEAR(before[l][j], double(ra.expert_counts[l][j]), 1e-9) << "layer " << l << " expert " << j;
+      EXPECT_NEAR(after[j] - before[l][j], double(rb.expert_counts[l][j]), 1e-9) << "layer " << l << " expert " << j;
+    }
+  }
+  // The second step's counts are that forward's routing alone (no dropout or noise here: a rerun routes alike).
+  MoleD::Cache c;
+  model.loss(b, c);
+  EXPECT_EQ(c.expert_counts, rb.expert_counts);
+  const std::size_t T = b.ids.shape()[1];
+  for (std::size_t l = 0; l < 2; ++l) {
+    std::vector<std::size_t> want(3, 0);
+    for (std::size_t s = 0; s < b.lengths.size(); ++s)
+      for (std::size_t t = 0; t < b.lengths[s]; ++t) ++want[std::size_t(c.routing[l]->experts(s * T + t, 0))];
+    EXPECT_EQ(rb.expert_counts[l], want) << "layer " << l;
+  }
+}
+
 TEST(LlavaMole, PlainLoRABaselineHasNoRouter) {
   Rng rng(25);
   MoleD model(tiny_config(1), rng);
@@ -219,6 +340,7 @@ TEST(LlavaMole, PlainLoRABaselineHasNoRouter) {
   const auto r = model.loss_and_backward(model.make_batch(mixed_samples(rng)));
   EXPECT_EQ(r.balance, 0.0);
   EXPECT_EQ(model.router_stats(), nullptr);
+  EXPECT_TRUE(r.expert_counts.empty());
   for (const auto& ref : parameters_of<double>(model)) EXPECT_FALSE(is_router(ref.name)) << ref.name;
 }
 
@@ -273,6 +395,24 @@ TEST(LlavaMole, OverfitsAFewSamplesAndGeneratesTheirAnswers) {
   EXPECT_GT(first, 1.5);  // log V = 2.56 for uniform predictions; the scaled random head starts near or above it
   EXPECT_LT(last.ce, 0.05);
   for (const auto& s : samples) EXPECT_EQ(model.generate(s, s.answer.size()), s.answer);
+}
+
+TEST(LlavaMole, GenerateRestoresTheModeOnEveryExit) {
+  Rng rng(34);
+  MoleD model(tiny_config(), rng);
+  randomize(model, rng);
+  const MoleD::Sample fits = sample({3}, {4, 5}, {}, image(rng));
+  // 1 + 4 + 40 positions exceed max_seq = 32: the prefill throws after the model has switched to eval mode.
+  const MoleD::Sample too_long = sample({}, std::vector<std::int64_t>(40, 5), {}, image(rng));
+  for (bool mode : {true, false}) {
+    model.set_training(mode);
+    EXPECT_EQ(model.generate(fits, 2).size(), 2u);
+    EXPECT_EQ(model.training(), mode);
+    EXPECT_THROW(model.generate(too_long, 2), ConfigError);
+    EXPECT_EQ(model.training(), mode);
+    EXPECT_EQ(model.llm().training(), mode);
+    EXPECT_EQ(model.vit().training(), mode);
+  }
 }
 
 // ---- structure, counts, errors --------------------------------------------------------------------------------

@@ -15,6 +15,9 @@
 // Backward: dlogits -> Llama (adapters accumulate, the frozen base computes input gradients only) -> dx;
 //   d t_m[modality_b] += dx[b, 0];  dv = dx at the visual slots -> neck backward -> d_cls -> ClipVit backward
 //   (through the frozen blocks into their adapters: LaVIN's joint optimisation). The frozen token table gets nothing.
+//   On request (backward's / loss_and_backward's images_grad pointer, null by default) the ViT backward goes on
+//   down to the pixels and writes d_images = dloss * d loss / d images [Ni, C, S, S] (shape {0} for a text-only
+//   batch); without the request nothing below the lowest trainable ViT block is computed.
 // Trainable: LLM adapters + routers, ViT adapters + routers, neck, modality embedding; everything else is frozen.
 // Init: neck weights xavier-uniform, biases zero; t_m ~ N(0, 1) (nn.Embedding), with weight decay like LaVIN's
 // 2-D parameters; adapters as MMAdapter.
@@ -205,18 +208,19 @@ class Lavin {
     return cross_entropy_forward(c.logits, c.targets, c.ce);
   }
 
-  // Accumulates dloss * d loss / d(trainable parameters) into their gradients.
-  void backward(Cache& c, T dloss = T(1)) {
+  // Accumulates dloss * d loss / d(trainable parameters) into their gradients. images_grad (optional): written
+  // with dloss * d loss / d(batch.images) [Ni, C, S, S] (shape {0} when the batch has no image); null: not computed.
+  void backward(Cache& c, T dloss = T(1), Tensor* images_grad = nullptr) {
     require<ConfigError>(c.logits.dimension() == 3, "Lavin::backward: called before loss");
     Tensor dlogits;
     cross_entropy_backward(c.logits, c.targets, c.ce, dloss, dlogits);
-    embeddings_backward(c, llm_.backward_embeddings(c.llm, llm_.logits_backward(c.llm, dlogits)));
+    embeddings_backward(c, llm_.backward_embeddings(c.llm, llm_.logits_backward(c.llm, dlogits)), images_grad);
   }
 
-  // One micro-batch of training: loss, then backward (gradients accumulate).
-  Loss loss_and_backward(const Batch& batch) {
+  // One micro-batch of training: loss, then backward (gradients accumulate; images_grad as in backward).
+  Loss loss_and_backward(const Batch& batch, Tensor* images_grad = nullptr) {
     const T value = loss(batch, train_cache_);
-    backward(train_cache_);
+    backward(train_cache_, T(1), images_grad);
     std::size_t tokens = 0;
     for (std::size_t len : batch.lengths) tokens += len;
     return {double(value), tokens, train_cache_.ce.valid};
@@ -230,18 +234,20 @@ class Lavin {
   }
 
   // Greedy decoding of a sample's answer (its `answer` is ignored), in eval mode: the new tokens, stopping after
-  // `eos` (included) or max_new_tokens.
+  // `eos` (included) or max_new_tokens. The previous mode comes back on every exit, exceptions included.
   std::vector<std::int64_t> generate(Sample sample, std::size_t max_new_tokens,
                                      std::optional<std::int64_t> eos = std::nullopt) {
-    sample.answer.clear();
-    const bool was_training = training_;
+    struct ModeGuard {
+      Lavin& model;
+      bool was_training;
+      ~ModeGuard() { model.set_training(was_training); }
+    } guard{*this, training_};
     set_training(false);
+    sample.answer.clear();
     Cache c;
     const Tensor x = embeddings(make_batch({sample}), c);
-    std::vector<std::int64_t> out =
-        llm_.generate_from_embeddings(x, {.causal = true, .block_first_key = true, .key_lengths = {}}, max_new_tokens, eos);
-    set_training(was_training);
-    return out;
+    return llm_.generate_from_embeddings(x, {.causal = true, .block_first_key = true, .key_lengths = {}},
+                                         max_new_tokens, eos);
   }
 
   // ---- parameters -----------------------------------------------------------------------------------------
@@ -399,9 +405,10 @@ class Lavin {
     return x;
   }
 
-  // dx [B, T, D] -> the modality embedding, the neck and the ViT adapters.
-  void embeddings_backward(Cache& c, Tensor dx) {
+  // dx [B, T, D] -> the modality embedding, the neck and the ViT adapters (and d_images when images_grad).
+  void embeddings_backward(Cache& c, Tensor dx, Tensor* images_grad) {
     const std::size_t n = num_visual_tokens();
+    if (images_grad && c.visual.empty()) resize_to(*images_grad, Shape{0});
     if (modality_.trainable)
       for (std::size_t b = 0; b < c.modality.size(); ++b)
         xt::view(modality_.grad, c.modality[b], xt::all()) += xt::view(dx, b, 0, xt::all());
@@ -414,7 +421,8 @@ class Lavin {
       const Tensor d_act = fc2_.backward(c.fc2, dv);
       Tensor d_pre;
       silu_backward(c.neck_pre, d_act, d_pre);
-      vit_.backward(c.vit, empty<T>({0}), fc1_.backward(c.fc1, d_pre));
+      Tensor d_images = vit_.backward(c.vit, empty<T>({0}), fc1_.backward(c.fc1, d_pre), images_grad != nullptr);
+      if (images_grad) *images_grad = std::move(d_images);
     }
     if (llm_.embed_tokens().trainable) {  // positions that do not hold token embeddings pass nothing to the table
       for (std::size_t b = 0; b < c.modality.size(); ++b) xt::view(dx, b, 0, xt::all()) = T(0);

@@ -255,7 +255,12 @@ class Llama {
                                                      std::size_t max_new_tokens,
                                                      std::optional<std::int64_t> eos = std::nullopt) {
     expect_shape("Llama::generate", "embeddings", x, {1, any_extent, config_.dim});
-    const bool was_training = training_;
+    // Eval mode for the call; the previous mode comes back on every exit, exceptions included.
+    struct ModeGuard {
+      Llama& model;
+      bool was_training;
+      ~ModeGuard() { model.set_training(was_training); }
+    } guard{*this, training_};
     set_training(false);
     std::vector<std::int64_t> out;
     KVCache kv;
@@ -268,7 +273,6 @@ class Llama {
       ids.fill(next);
       logits = decode(ids, kv);
     }
-    set_training(was_training);
     return out;
   }
   std::vector<std::int64_t> generate(const std::vector<std::int64_t>& prompt, std::size_t max_new_tokens,

@@ -13,17 +13,22 @@
 // The balance loss (layers/balance_loss.hpp; default MoLE's per-sample loss, weight 1e-2, per layer) counts the
 // valid positions of each sequence (padding excluded), with sample ids b; its gradients go to each layer's router
 // through Llama::backward_embeddings. Every loss() records each layer's routing in RouterStats, grouped by the
-// samples' domain ids (reset_router_stats() starts a new report).
+// samples' domain ids (reset_router_stats() starts a new report), and also keeps this call's own counts:
+//   expert_counts[l][j] = valid positions routed to expert j in layer l by this forward   (sum_j = sum_b length_b)
+// in Cache::expert_counts and Loss::expert_counts (empty when K = 1), independent of the accumulating statistics.
 // Activation: QuickGELU, x sigmoid(1.702 x), the library's GELU (CLIP's approximation). LLaVA-1.5 uses the exact
 // erf GELU; the two differ by at most about 0.02 per element, so projector weights from a LLaVA checkpoint load
 // and work but do not reproduce its activations bit for bit.
 // Feature layer: the ViT is built with only the blocks up to the chosen one (n_layers + feature_layer + 1); the
 // later blocks' outputs are never used, so a Hugging Face checkpoint loads with their tensors ignored.
 // Backward: dlogits (+ balance router gradients) -> Llama -> dx; dv = dx at the image slots -> projector backward.
-// The ViT is frozen and gets no backward at all; the frozen LLaMA base computes input gradients only.
+// The frozen ViT gets no backward at all unless d_images is requested (backward's / loss_and_backward's images_grad
+// pointer, null by default): then d_F -> d_hidden (zero at [cls]) -> ClipVit backward down to the pixels, written as
+// d_images = dloss * d loss / d images [Ni, C, S, S] (shape {0} for a text-only batch). A vision-tower parameter made
+// trainable also gets its gradient through the same path. The frozen LLaMA base computes input gradients only.
 // Trainable: attention LoRAs, FFN expert LoRAs, routers, projector.
 // Cache: the ViT's forward cache, the projector's inputs, the LLaMA's cache, logits, shifted targets, the balance
-// tokens and per-layer routing, the router-gradient buffers.
+// tokens and per-layer routing, this forward's expert counts, the router-gradient buffers.
 // Parameter names (Hugging Face LlavaForConditionalGeneration): "vision_tower." + ClipVit names,
 // "multi_modal_projector.linear_{1,2}.*", "language_model." + Llama names (LoRA and experts below them).
 // Shapes: B sequences, T positions, D LLM width, Dv ViT width, Np patches per image, Ni images, V vocabulary,
@@ -133,6 +138,7 @@ class LlavaMole {
     BalanceTokens<T, Backend> tokens;                         // valid positions and sample ids, [N] each
     std::vector<const Routing*> routing;                      // [L] (empty when K = 1)
     std::vector<RouterGrad<T, Backend>> router_grads;         // [L] balance gradients
+    std::vector<std::vector<std::size_t>> expert_counts;      // [L][K] this forward's valid positions per expert
     T ce_value = 0, balance_value = 0;
   };
 
@@ -142,6 +148,7 @@ class LlavaMole {
     double balance = 0;       // already weighted
     std::size_t tokens = 0;   // valid positions processed
     std::size_t targets = 0;  // answer tokens in the loss
+    std::vector<std::vector<std::size_t>> expert_counts;  // [L][K] this step's expert usage (empty when K = 1)
   };
 
   LlavaMole(const Config& config, Rng& rng)
@@ -212,13 +219,15 @@ class LlavaMole {
     return llm_.logits(llm_.forward_embeddings(x, c.mask, c.llm), c.llm);
   }
 
-  // CE over the answer tokens + the weighted balance loss; records the routing in the router statistics.
+  // CE over the answer tokens + the weighted balance loss; records the routing in the router statistics and this
+  // call's per-layer expert counts in c.expert_counts.
   T loss(const Batch& batch, Cache& c) {
     c.logits = forward(batch, c);
     shift_labels(batch.labels, c.targets);
     c.ce_value = cross_entropy_forward(c.logits, c.targets, c.ce);
     c.balance_value = T(0);
     c.routing.clear();
+    c.expert_counts.clear();
     if (!stats_) return c.ce_value;
     c.routing = llm_.routing(c.llm);
     balance_tokens(batch, c.tokens);
@@ -227,11 +236,14 @@ class LlavaMole {
     for (std::size_t i = 0; i < groups.size(); ++i)
       groups.data()[i] = std::int32_t(batch.domains.empty() ? 0 : batch.domains[std::size_t(c.tokens.sample_ids.data()[i])]);
     for (std::size_t l = 0; l < c.routing.size(); ++l) stats_->record(l, *c.routing[l], groups, c.tokens.mask);
+    count_experts(c);
     return c.ce_value + c.balance_value;
   }
 
-  // Accumulates dloss * d loss / d(trainable parameters), the balance term included.
-  void backward(Cache& c, T dloss = T(1)) {
+  // Accumulates dloss * d loss / d(trainable parameters), the balance term included. images_grad (optional):
+  // written with dloss * d loss / d(batch.images) [Ni, C, S, S] (shape {0} when the batch has no image); null: the
+  // frozen ViT gets no backward.
+  void backward(Cache& c, T dloss = T(1), Tensor* images_grad = nullptr) {
     require<ConfigError>(c.logits.dimension() == 3, "LlavaMole::backward: called before loss");
     Tensor dlogits;
     cross_entropy_backward(c.logits, c.targets, c.ce, dloss, dlogits);
@@ -244,29 +256,34 @@ class LlavaMole {
     if (!c.routing.empty())
       balance_.backward(std::span<const Routing* const>(c.routing), c.tokens,
                         std::span<RouterGrad<T, Backend>* const>(grads), dloss);
-    embeddings_backward(c, llm_.backward_embeddings(c.llm, llm_.logits_backward(c.llm, dlogits), c.router_grads));
+    embeddings_backward(c, llm_.backward_embeddings(c.llm, llm_.logits_backward(c.llm, dlogits), c.router_grads),
+                        images_grad);
   }
 
-  Loss loss_and_backward(const Batch& batch) {
+  // One micro-batch of training: loss, then backward (gradients accumulate; images_grad as in backward).
+  Loss loss_and_backward(const Batch& batch, Tensor* images_grad = nullptr) {
     const T value = loss(batch, train_cache_);
-    backward(train_cache_);
+    backward(train_cache_, T(1), images_grad);
     std::size_t tokens = 0;
     for (std::size_t len : batch.lengths) tokens += len;
     return {double(value), double(train_cache_.ce_value), double(train_cache_.balance_value), tokens,
-            train_cache_.ce.valid};
+            train_cache_.ce.valid, train_cache_.expert_counts};
   }
 
-  // Greedy decoding of a sample's answer (its `answer` is ignored), in eval mode.
+  // Greedy decoding of a sample's answer (its `answer` is ignored), in eval mode. The previous mode comes back on
+  // every exit, exceptions included.
   std::vector<std::int64_t> generate(Sample sample, std::size_t max_new_tokens,
                                      std::optional<std::int64_t> eos = std::nullopt) {
-    sample.answer.clear();
-    const bool was_training = training_;
+    struct ModeGuard {
+      LlavaMole& model;
+      bool was_training;
+      ~ModeGuard() { model.set_training(was_training); }
+    } guard{*this, training_};
     set_training(false);
+    sample.answer.clear();
     Cache c;
     const Tensor x = embeddings(make_batch({sample}), c);
-    std::vector<std::int64_t> out = llm_.generate_from_embeddings(x, AttentionMask{}, max_new_tokens, eos);
-    set_training(was_training);
-    return out;
+    return llm_.generate_from_embeddings(x, AttentionMask{}, max_new_tokens, eos);
   }
 
   // Expert usage per layer since the last reset (null when K = 1: there is no router).
@@ -446,9 +463,29 @@ class LlavaMole {
     return x;
   }
 
-  // dx [B, T, D] -> the projector (the ViT is frozen: nothing flows into it).
-  void embeddings_backward(Cache& c, Tensor dx) {
+  // c.expert_counts[l][j]: valid positions of the last forward that layer l routed to expert j.
+  void count_experts(Cache& c) const {
+    const std::size_t K = config_.experts.experts;
+    c.expert_counts.assign(c.routing.size(), std::vector<std::size_t>(K, 0));
+    const IndexTensor no_groups = empty<std::int32_t>({0});
+    for (std::size_t l = 0; l < c.routing.size(); ++l) {
+      std::vector<double> counts(K, 0.0), prob_sums(K, 0.0), tokens(1, 0.0);
+      accumulate_expert_usage(*c.routing[l], no_groups, c.tokens.mask, 1, counts, prob_sums, tokens);
+      for (std::size_t j = 0; j < K; ++j) c.expert_counts[l][j] = std::size_t(counts[j]);
+    }
+  }
+
+  // Whether any vision-tower parameter is trainable (by default none is).
+  bool vit_trainable() {
+    for (const auto& ref : parameters_of<T, Backend>(vit_))
+      if (ref.param->trainable) return true;
+    return false;
+  }
+
+  // dx [B, T, D] -> the projector; into the ViT only when d_images is requested or a ViT parameter is trainable.
+  void embeddings_backward(Cache& c, Tensor dx, Tensor* images_grad) {
     const std::size_t n = num_image_tokens();
+    if (images_grad && c.images.empty()) resize_to(*images_grad, Shape{0});
     if (!c.images.empty()) {
       Tensor dv = empty<T>({c.images.size(), n, config_.llm.dim});
       for (std::size_t i = 0; i < c.images.size(); ++i) {
@@ -458,7 +495,16 @@ class LlavaMole {
       const Tensor d_act = proj2_.backward(c.proj2, dv);
       Tensor d_pre;
       quick_gelu_backward(c.proj_pre, d_act, d_pre);
-      if (proj1_.weight().trainable || proj1_.bias().trainable) proj1_.backward(c.proj1, d_pre);
+      const bool into_vit = images_grad || vit_trainable();
+      if (into_vit || proj1_.weight().trainable || proj1_.bias().trainable) {
+        const Tensor d_patches = proj1_.backward(c.proj1, d_pre);  // [Ni, Np, Dv]
+        if (into_vit) {
+          Tensor d_hidden = zeros<T>({c.images.size(), n + 1, config_.vit.dim});  // [cls] (row 0) is not used
+          xt::view(d_hidden, xt::all(), xt::range(1, n + 1), xt::all()) = d_patches;
+          Tensor d_images = vit_.backward(c.vit, d_hidden, empty<T>({0}), images_grad != nullptr);
+          if (images_grad) *images_grad = std::move(d_images);
+        }
+      }
     }
     if (llm_.embed_tokens().trainable) {  // image slots hold no token embeddings
       for (const auto& [b, s] : c.images) xt::view(dx, b, xt::range(s, s + n), xt::all()) = T(0);
