@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -199,39 +198,4 @@ TEST_F(Checkpoint, MismatchesAreRejectedBeforeAnythingChanges) {
   EXPECT_THROW(load_checkpoint(path("bad.safetensors"), same_opt), FormatError);
 }
 
-TEST_F(Checkpoint, ExportsAPeftAdapterDirectory) {
-  Model m(3);
-  PeftLoraConfig cfg;
-  cfg.r = 4;
-  cfg.lora_alpha = 16;
-  cfg.lora_dropout = 0.05;
-  cfg.target_modules = {"q_proj", "v_proj"};
-  cfg.extra = {{"num_experts", 3}};
-  export_peft_adapter(path("adapter"), m.parameters(), cfg, DType::BF16,
-                      [](const std::string& n) { return "base_model.model." + n; });
-
-  const SafetensorsFile weights(path("adapter") / "adapter_model.safetensors");
-  EXPECT_EQ(weights.names(), (std::vector<std::string>{"base_model.model.head.W", "base_model.model.head.b"}));
-  EXPECT_EQ(weights.info("base_model.model.head.W").dtype, DType::BF16);
-  EXPECT_EQ(weights.metadata().at("format"), "pt");
-
-  std::ifstream in(path("adapter") / "adapter_config.json");
-  const auto j = nlohmann::json::parse(in);
-  EXPECT_EQ(j["peft_type"], "LORA");
-  EXPECT_EQ(j["r"], 4);
-  EXPECT_EQ(j["lora_alpha"], 16.0);
-  EXPECT_EQ(j["lora_dropout"], 0.05);
-  EXPECT_EQ(j["target_modules"], nlohmann::json({"q_proj", "v_proj"}));
-  EXPECT_EQ(j["use_rslora"], false);
-  EXPECT_EQ(j["bias"], "none");
-  EXPECT_EQ(j["task_type"], "CAUSAL_LM");
-  EXPECT_TRUE(j["base_model_name_or_path"].is_null());
-  EXPECT_EQ(j["num_experts"], 3);
-
-  cfg.r = 0;
-  EXPECT_THROW(export_peft_adapter(path("adapter2"), m.parameters(), cfg), ConfigError);
-  cfg.r = 4;
-  cfg.lora_dropout = 1.0;
-  EXPECT_THROW(export_peft_adapter(path("adapter2"), m.parameters(), cfg), ConfigError);
-  EXPECT_FALSE(fs::exists(path("adapter2")));
-}
+// PEFT adapter export and load: tests/test_peft_adapter.cpp.
