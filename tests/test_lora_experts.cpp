@@ -282,6 +282,26 @@ TEST(LoRAExperts, PermutingTokensPermutesOutputs) {
   const Tensor<double> y = layer.forward(x, c1), yp = layer.forward(xp, c2);
   for (std::size_t i = 0; i < n; ++i)
     for (std::size_t q = 0; q < D; ++q) EXPECT_NEAR(yp(i, q), y(perm[i], q), 1e-12);
+
+  // Backward: permuting dy the same way permutes dx and leaves the parameter gradients unchanged.
+  const Tensor<double> dy = random_tensor<double>({n, D}, rng);
+  Tensor<double> dyp = empty<double>({n, D});
+  for (std::size_t i = 0; i < n; ++i) xt::view(dyp, i, xt::all()) = xt::view(dy, perm[i], xt::all());
+  const auto params = parameters_of<double>(layer);
+  zero_grads(params);
+  const Tensor<double> dx = layer.backward(c1, dy);
+  std::map<std::string, Tensor<double>> grads;
+  for (const auto& ref : params)
+    if (ref.param->trainable) grads[ref.name] = ref.param->grad;
+  zero_grads(params);
+  const Tensor<double> dxp = layer.backward(c2, dyp);
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t q = 0; q < D; ++q) EXPECT_NEAR(dxp(i, q), dx(perm[i], q), 1e-12);
+  ASSERT_FALSE(grads.empty());
+  for (const auto& ref : params) {
+    if (!ref.param->trainable) continue;
+    EXPECT_LT(xt::amax(xt::abs(ref.param->grad - grads.at(ref.name)))(), 1e-12) << ref.name;
+  }
 }
 
 TEST(LoRAExperts, ExpertWithNoTokensDoesNoWork) {

@@ -42,15 +42,21 @@ TEST(Linear, GradientCheck) {
   EXPECT_LT(gradient_error(loss, b, db), 1e-6);
 }
 
-TEST(Linear, FrozenWeightGetsNoGradientAndGradsAccumulate) {
+// A null gradient pointer (a frozen parameter) is skipped; the given ones accumulate.
+TEST(Linear, NullGradientsAreSkippedAndTheOthersAccumulate) {
   Rng rng(5);
   Tensor<double> x = random_tensor<double>({3, 2}, rng), W = random_tensor<double>({2, 2}, rng),
                  dy = random_tensor<double>({3, 2}, rng);
   Tensor<double> db = zeros<double>({2});
   linear_backward(x, W, dy, nullptr, nullptr, &db);
+  for (std::size_t j = 0; j < 2; ++j) EXPECT_NEAR(db(j), dy(0, j) + dy(1, j) + dy(2, j), 1e-12);
   const Tensor<double> once = db;
-  linear_backward(x, W, dy, nullptr, nullptr, &db);
-  EXPECT_NEAR(db(0), 2 * once(0), 1e-12);
+  Tensor<double> dW = zeros<double>({2, 2});
+  linear_backward(x, W, dy, nullptr, &dW, &db);
+  for (std::size_t j = 0; j < 2; ++j) EXPECT_NEAR(db(j), 2 * once(j), 1e-12);
+  for (std::size_t o = 0; o < 2; ++o)
+    for (std::size_t i = 0; i < 2; ++i)
+      EXPECT_NEAR(dW(o, i), dy(0, o) * x(0, i) + dy(1, o) * x(1, i) + dy(2, o) * x(2, i), 1e-12);
 }
 
 TEST(Linear, ShapeMismatchIsTyped) {

@@ -31,7 +31,7 @@ struct Parameter {
   tensor_type value;
   tensor_type grad;          // same shape as value when trainable, empty when frozen
   bool trainable = false;
-  bool weight_decay = true;  // AdamW applies decay only where this is set (off for biases, norms, embeddings)
+  bool weight_decay = true;  // AdamW applies decay only where this is set (models turn it off for biases, norms and the token, position and class embeddings)
 
   Parameter() = default;
   Parameter(std::string n, tensor_type v, bool train, bool decay = true)

@@ -10,7 +10,7 @@
 //              dz  = dropout_backward(du);  dA += dz^T x;  da += sum_rows dz
 //              dx  = dy + dz A                                     (written)
 // Parameter gradients accumulate and are skipped for frozen parameters.
-// Cache: z (or u and the mask when dropout is on) and, while A or a is trainable, x.
+// Cache: z, plus u and the mask when dropout is on, and, while A or a is trainable, x.
 // Init: A xavier_uniform, a = 0, B = 0, b = 0, so a fresh adapter is exactly the identity.
 // Parameter names follow LaVIN's RepAdapter: "conv_A.weight" [h, d], "conv_A.bias", "conv_B.weight" [d, h/g],
 // "conv_B.bias". The reference stores them as Conv1d weights [h, d, 1] and [d, h/g, 1]; the trailing kernel axis

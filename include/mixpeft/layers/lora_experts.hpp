@@ -3,7 +3,7 @@
 // Shapes: N tokens (leading axes of x, flattened), D model width, F hidden width (D_ff), K experts, r rank,
 // s = alpha / r, M rows of a grouped block list (N when sparse, N K when dense).
 //
-// Sparse (default):                 p = softmax(W_r x + b_r),  k* = argmax_k p_k        // router, [N, K]
+// Sparse (default):                 p = softmax((W_r x + b_r) / tau),  k* = argmax_k p_k  // router, [N, K] (tau = 1, optional noise)
 //   h = W_g x + c s B^g_k* A^g_k* drop(x)        u = W_u x + c s B^u_k* A^u_k* drop(x)   // [N, F]
 //   z = SiLU(h) * u                              y = W_d z + c s B^d_k* A^d_k* drop(z)   // [N, D]
 //   c = 1 by default, as in the reference code: the router then learns only from the balance losses.

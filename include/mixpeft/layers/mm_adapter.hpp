@@ -14,7 +14,7 @@
 // identity <dy, grouped(u, W)> = <W, grouped outer(dy, u)> gives the routing gradient from the small G_b.
 // Mixing the two up-projections into E_b first makes each sequence cost one grouped GEMM forward and two backward.
 // Parameter gradients accumulate and are skipped for frozen parameters.
-// Cache: the router's cache and the weights w, z (or u and the dropout mask) and, while A or a is trainable, x.
+// Cache: the router's cache and the weights w, z (plus u and the dropout mask when dropout is on) and, while A or a is trainable, x.
 //
 // Routing token: the caller passes route_tokens [B, d] explicitly, normally row 0 of each normed sequence (the
 // modality token, which no other token attends to). Its gradient comes back separately as `route_tokens` in
