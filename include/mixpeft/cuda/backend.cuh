@@ -16,10 +16,12 @@
 #include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/cuda/dropout.cuh"
 #include "mixpeft/cuda/embedding.cuh"
+#include "mixpeft/cuda/grouped_lora.cuh"
 #include "mixpeft/cuda/layernorm.cuh"
 #include "mixpeft/cuda/matmul.cuh"
 #include "mixpeft/cuda/rmsnorm.cuh"
 #include "mixpeft/cuda/rope.cuh"
+#include "mixpeft/cuda/router.cuh"
 #include "mixpeft/cuda/softmax.cuh"
 
 namespace mixpeft {
