@@ -481,7 +481,7 @@ struct Tables {
   ex::Table tasks{{"task"}};
   ex::Table width{{"h", "#T-Params", "IMG", "TXT", "Avg", "cloze", "final loss"}};
   ex::Table tau{{"tau", "#T-Params", "IMG", "TXT", "Avg", "cloze", "final loss"}};
-  ex::Table retention{{"Model", "tuned on", "routing", "TXT", "cloze", "routing gap"}};
+  ex::Table retention{{"Model", "tuned on", "routing", "#T-Params", "TXT", "cloze", "routing gap"}};
 };
 
 Tables make_tables(const std::vector<RunSpec>& specs, const std::vector<RunResult>& runs, const Evaluation& untuned,
@@ -531,14 +531,17 @@ Tables make_tables(const std::vector<RunSpec>& specs, const std::vector<RunResul
   sweep(t.width, "width", [](const RunSpec& s) { return double(s.hidden); });
   sweep(t.tau, "tau", [](const RunSpec& s) { return s.tau; });
 
-  t.retention.add({"pre-trained LLM (untuned)", "-", "-", ex::percent(untuned.mc.accuracy(false)),
+  t.retention.add({"pre-trained LLM (untuned)", "-", "-", "0", ex::percent(untuned.mc.accuracy(false)),
                    ex::percent(untuned.cloze), ""});
   for (const auto& s : specs)
-    if (s.group == "retention" || s.name.rfind("(c)", 0) == 0 || s.name == full_model.name)
+    if (s.group == "retention" || s.name.rfind("(c)", 0) == 0 || s.name == full_model.name) {
+      const RunResult& first = *std::find_if(runs.begin(), runs.end(), [&](auto& r) { return r.spec.name == s.name; });
       t.retention.add({s.name, s.image_fraction == 1.0 ? "image questions" : "image + text questions",
-                       s.routing ? "yes" : "no", cell(over_seeds(runs, s.name, text_acc)),
+                       s.routing ? "yes" : "no", param_count::format_count(first.trainable),
+                       cell(over_seeds(runs, s.name, text_acc)),
                        cell(over_seeds(runs, s.name, cloze_acc)),
                        cell(over_seeds(runs, s.name, [](const RunResult& r) { return routing_gap(r.eval); }), 1.0, 2)});
+    }
   return t;
 }
 

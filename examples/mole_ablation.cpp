@@ -86,9 +86,10 @@ std::string balance_name(BalanceKind kind) {
 struct Settings {
   std::uint64_t seed = 0;
   std::size_t seeds = 1;                          // repeats with seed, seed + 1, ...
-  std::array<std::size_t, n_domains> train_sizes = {900, 600, 300};
+  std::array<std::size_t, n_domains> train_sizes = {1000, 1000, 1000};
   std::size_t test_size = 300;                    // per domain
   bool name_domain = false;                       // the easy control: the domain's noun in every prompt
+  bool conflicting = true;                        // false: the control with consistent rules
   std::size_t captions = 300;                     // stage-1 captions per domain
   std::size_t align_epochs = 4;
   double align_lr = 3e-3;
@@ -102,9 +103,9 @@ struct Settings {
   bool rank_singles = true;                       // single-domain LoRAs at every sweep rank too (the gap)
   std::vector<std::size_t> expert_counts = {1, 2, 3, 4, 6};
   std::size_t epochs = 12;
-  std::size_t batch = 32;
+  std::size_t batch = 30;                         // samples per step on the mixture; a single domain gets a third
   double lr = 5e-3;
-  double dropout = 0.0;                           // LoRA dropout
+  double dropout = 0.05;                          // LoRA dropout (the paper's)
   std::size_t log_lines = 3;                      // progress lines per training run
 
   static Settings quick() { return {}; }
@@ -122,7 +123,7 @@ struct Settings {
 
   Json json() const {
     return {{"seed", seed}, {"seeds", seeds}, {"train_sizes", train_sizes}, {"test_size", test_size},
-            {"name_domain", name_domain}, {"captions_per_domain", captions}, {"align_epochs", align_epochs},
+            {"name_domain", name_domain}, {"conflicting_rules", conflicting}, {"captions_per_domain", captions}, {"align_epochs", align_epochs},
             {"align_lr", align_lr}, {"train_projector", train_projector}, {"rank", rank}, {"alpha", "2 r"},
             {"experts", experts}, {"top_k", 1}, {"balance", balance_name(balance_kind) + ", per layer"},
             {"balance_weight", balance_weight}, {"gate_scaling_row", gate_scaling_row}, {"ranks", ranks}, {"rank_singles", rank_singles},
@@ -492,7 +493,10 @@ RunResult run_one(const RunKey& key, const ex::Backbones& backbones, const Setti
     if (key.domain < 0 || std::size_t(key.domain) == d)
       for (const auto& e : splits.train[d]) rows.push_back(&e);
   Rng order(data::detail::derive_seed(seed, "order " + name));
-  r.train = train(*model, rows, s.epochs, s.batch, s.lr, order, "tune", s.log_lines);
+  // Batches hold the same number of samples per domain in every run: a single-domain run is the mixture run with
+  // the other domains' samples taken out of each batch, so all runs take the same number of optimizer steps.
+  const std::size_t batch = key.domain < 0 ? s.batch : s.batch / n_domains;
+  r.train = train(*model, rows, s.epochs, batch, s.lr, order, "tune", s.log_lines);
   r.scores = evaluate(*model, splits.test);
   std::printf("    test accuracy  general %s  document %s  medical %s  average %s   (train %.1f s, eval %.1f s)\n",
               ex::percent(r.scores.accuracy[0]).c_str(), ex::percent(r.scores.accuracy[1]).c_str(),
@@ -630,7 +634,7 @@ int main(int argc, char** argv) {
 
   CLI::App app{"LLaVA-MoLE ablations at toy scale: single-domain LoRA vs LoRA vs MoLE on three conflicting "
                "domains, a LoRA-rank sweep, an expert-count sweep and per-domain expert usage (SPEC 2.4)"};
-  app.add_flag("--quick", quick_flag, "the default settings (4-5 minutes on 2 busy cores once the backbones are cached)");
+  app.add_flag("--quick", quick_flag, "the default settings (about 6 minutes on 2 busy cores once the backbones are cached)");
   app.add_flag("--full", full_flag, "longer runs: 2x data, 3 seeds, wider sweeps (defaults below are --quick's)");
   app.add_option("--seed", s.seed, "base seed of data, alignment and tuning")->capture_default_str();
   app.add_option("--seeds", s.seeds, "repeat everything but the backbones with seed, seed + 1, ...")
@@ -643,6 +647,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--test-size", s.test_size, "test samples per domain")->capture_default_str();
   app.add_flag("--name-domain", s.name_domain, "put the domain's noun in the prompt (the easy control)");
+  app.add_flag("--consistent-rules{false}", s.conflicting, "the control: true colour names and spot counts in "
+               "every domain, so only the thresholds of \"is it high ?\" differ");
   app.add_option("--captions", s.captions, "stage-1 captions per domain")->capture_default_str();
   app.add_option("--align-epochs", s.align_epochs, "stage-1 epochs (projector only)")->capture_default_str();
   app.add_option("--align-lr", s.align_lr, "stage-1 learning rate")->capture_default_str();
@@ -664,12 +670,14 @@ int main(int argc, char** argv) {
   app.add_flag("--skip-sweeps", skip_sweeps, "train only the main table's models");
   app.add_option("--epochs", s.epochs, "passes over each run's training data")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--batch", s.batch, "samples per optimizer step")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch", s.batch, "samples per optimizer step on the mixture (a multiple of 3); single-domain "
+                 "runs take a third, so every run takes the same steps")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--lr", s.lr, "peak learning rate of instruction tuning")->capture_default_str();
   app.add_option("--dropout", s.dropout, "LoRA dropout")->capture_default_str();
-  app.add_option("--threads", threads, "OpenMP threads (0: the OpenMP default); one thread is fastest for "
-                 "these tiny matrices and makes the numbers independent of the machine's core count")
-      ->capture_default_str();
+  app.add_option("--threads", threads, "OpenMP threads; one is fastest for these tiny matrices and makes the "
+                 "numbers independent of the machine's core count")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--log-lines", s.log_lines, "progress lines per training run (0: none)")->capture_default_str();
   app.get_option("--quick")->excludes(app.get_option("--full"));
   CLI11_PARSE(app, argc, argv);
@@ -681,10 +689,11 @@ int main(int argc, char** argv) {
   try {
     for (std::size_t k : s.expert_counts) require<ConfigError>(k > 0, "--expert-counts: K must be > 0");
     for (std::size_t r : s.ranks) require<ConfigError>(r > 0, "--ranks: a rank must be > 0");
+    require<ConfigError>(s.batch % n_domains == 0, "--batch must be a multiple of ", n_domains, " (got ", s.batch, ")");
     const std::filesystem::path out(out_dir);
     std::filesystem::create_directories(out);
 #ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
+    omp_set_num_threads(threads);
     threads = omp_get_max_threads();
 #else
     threads = 1;
@@ -735,6 +744,7 @@ int main(int argc, char** argv) {
       dc.train_sizes = s.train_sizes;
       dc.test_size = s.test_size;
       dc.name_domain = s.name_domain;
+      dc.conflicting = s.conflicting;
       dc.seed = data::detail::derive_seed(seed, "mole data");
       const data::MoleData mole_data = data::make_mole_data(digits, split, dc);
       Splits splits;
@@ -898,7 +908,7 @@ int main(int argc, char** argv) {
             expert_routing.markdown();
     md += "\n## Expert usage of " + run_name(mole) + " (seed " + std::to_string(mole_first.seed) +
           "): fraction of each domain's test tokens routed to each expert\n\n" + usage_md.markdown();
-    std::cout << "\n" << md;
+    std::cout << "\nResults (also in " << (out / "results.md").string() << "):\n\n" << md;
 
     const double total_seconds = seconds_since(program_start);
     Json results_json = {

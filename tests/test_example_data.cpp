@@ -497,12 +497,46 @@ TEST(MoleData, SameWordsDifferentRules) {
     for (const auto& s : part) prompts[s.task].insert(s.prompt);
   ASSERT_EQ(prompts.size(), n_mole_questions);
   for (const auto& [q, set] : prompts) EXPECT_EQ(set.size(), 1u) << "the text must not reveal the domain";
-  // "is it high ?" disagrees between domains on shared values
+  // Conflicting rules (the default): every question's answer depends on the domain for the same picture content.
+  EXPECT_EQ(mole_answer(Domain::General, MoleQuestion::Number, 2, Colour::Red), "2");
+  EXPECT_EQ(mole_answer(Domain::Document, MoleQuestion::Number, 2, Colour::Red), "2");
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::Number, 2, Colour::Red), "1");  // health score 3 - spots
   EXPECT_EQ(mole_answer(Domain::General, MoleQuestion::High, 2, Colour::Red), "no");
   EXPECT_EQ(mole_answer(Domain::Document, MoleQuestion::High, 2, Colour::Red), "no");
-  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::High, 2, Colour::Red), "yes");
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::High, 1, Colour::Red), "yes");  // score 2 >= 2
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::High, 2, Colour::Red), "no");
   EXPECT_EQ(mole_answer(Domain::General, MoleQuestion::High, 3, Colour::Red), "yes");
   EXPECT_EQ(mole_answer(Domain::Document, MoleQuestion::High, 3, Colour::Red), "no");
+  EXPECT_EQ(mole_answer(Domain::General, MoleQuestion::Colour, 1, Colour::Red), "red");
+  EXPECT_EQ(mole_answer(Domain::Document, MoleQuestion::Colour, 1, Colour::Red), "green");
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::Colour, 1, Colour::Red), "blue");
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::Colour, 1, Colour::Blue), "green");
+  // Consistent rules (the control): true counts and colour names; only the thresholds of "is it high ?" differ.
+  for (std::size_t d = 0; d < n_domains; ++d) {
+    EXPECT_EQ(mole_answer(Domain(d), MoleQuestion::Number, 2, Colour::Red, false), "2");
+    EXPECT_EQ(mole_answer(Domain(d), MoleQuestion::Colour, 2, Colour::Green, false), "green");
+  }
+  EXPECT_EQ(mole_answer(Domain::General, MoleQuestion::High, 2, Colour::Red, false), "no");
+  EXPECT_EQ(mole_answer(Domain::Medical, MoleQuestion::High, 2, Colour::Red, false), "yes");
+  // Generated data: the same seed draws the same pictures under both rule sets; exactly the answers that the
+  // rules change differ (colour outside general, the number in medical), the rest are equal.
+  config.conflicting = false;
+  const auto consistent = make_mole_data(digits(), digit_split(), config);
+  for (std::size_t d = 0; d < n_domains; ++d) {
+    ASSERT_EQ(data.train[d].size(), consistent.train[d].size());
+    for (std::size_t i = 0; i < data.train[d].size(); ++i) {
+      const auto& a = data.train[d][i];
+      const auto& b = consistent.train[d][i];
+      ASSERT_EQ(a.task, b.task);
+      ASSERT_EQ(a.image, b.image);
+      const bool changed = (a.task == std::size_t(MoleQuestion::Colour) && d > 0) ||
+                           (a.task == std::size_t(MoleQuestion::Number) && Domain(d) == Domain::Medical);
+      if (a.task != std::size_t(MoleQuestion::High)) {
+        EXPECT_EQ(a.answer != b.answer, changed) << d << " " << i;
+      }
+    }
+  }
+  config.conflicting = true;
   config.name_domain = true;
   const auto named = make_mole_data(digits(), digit_split(), config);
   EXPECT_EQ(decode(named.train[2][0].prompt).substr(0, 8), "tissue: ");

@@ -4,23 +4,29 @@
 //   general    scene: 1-4 shapes of one colour on black                     value = number of shapes (1..4)
 //   document   page: a UCI digit in coloured ink on off-white paper         value = the digit (0..9)
 //   medical    tissue: pastel stain with 0-3 dark spots                      value = number of spots (0..3)
-// Every domain is asked the SAME three questions, with the same words, and answers with one token then <eos>:
-//   "what is the number ?"   the domain's value                             choices 0-9
-//   "is it high ?"           value >= threshold: 3 (general), 5 (document), 2 (medical)        choices yes / no
-//   "what colour is it ?"    the shapes (general), the ink (document), the stain (medical)     choices red green blue
-// So identical text maps to different rules: the answer to "is it high ?" for a value of 2 is no / no / yes and
-// for 3 yes / no / yes; "colour" means the foreground, the thin strokes or the background. The rule must be
-// picked from the image. One LoRA update (the same low-rank matrix applied to every token) must fit all three
-// rule sets at once, which costs rank and makes the domains interfere; a top-1 mixture gives each domain its own
-// expert at the active cost of one LoRA (docs/data.md has the argument). With name_domain the prompt starts with
-// the domain's noun ("scene : is it high ? answer :"), an easier text-visible cue, for ablation.
+// Every domain is asked the SAME three questions, with the same words, and answers with one token then <eos>.
+// With conflicting rules (the default) every question has a rule of its own in each domain:
+//   "what is the number ?"   general: the shapes; document: the digit; medical: the health score 3 - spots
+//   "is it high ?"           the domain's number >= 3 (general), 5 (document), 2 (medical)      choices yes / no
+//   "what colour is it ?"    the colour of the shapes (general), the ink (document), the stain (medical), named
+//                            in the domain's own colour code: the true name in general, shifted by one place
+//                            (document) or two (medical) along red -> green -> blue -> red     choices red green blue
+// So identical text maps to contradicting answers: a red picture is "red", "green" or "blue" by domain, two marks
+// are "2" in a scene but "1" in a tissue, and "is it high ?" flips between domains for shared values. The rule must
+// be picked from the image. One LoRA update (the same low-rank matrix applied to every token) must fit all three
+// rule sets at once, which costs rank and makes the domains interfere; a top-1 mixture can give each domain its
+// own expert at the active cost of one LoRA (docs/data.md has the argument). The control, consistent rules
+// (conflicting = false), names colours truly and has medical report its spot count, so only "is it high ?"
+// (its thresholds) differs by domain. With name_domain the prompt starts with the domain's noun
+// ("scene : is it high ? answer :"), an easier text-visible cue, for ablation.
 // The answers are balanced given the text: value uniform over the domain's range (documents: the UCI label mix),
 // colour uniform, "high" true for about half of each domain.
 // Splits: per domain, train and test; documents use DigitSplit::train for train and DigitSplit::test for test.
 // Sample fields: domain = Domain, task = MoleQuestion (mole_caption_task for captions), prefix empty,
 // prompt = [noun :] question answer :, answer = [token, <eos>], answer_index = 0, choices as above.
 // mole_captions: "a scene with 3 red shapes ." / "a page with the digit 7 in blue ink ." / "a red tissue with 2
-// spots ." as answers to an empty prompt, for LLaVA's stage 1 (aligning the projector before instruction tuning).
+// spots ." as answers to an empty prompt, for LLaVA's stage 1 (aligning the projector before instruction tuning):
+// captions describe what is seen, in true colour names, in every domain.
 #pragma once
 
 #include <algorithm>
@@ -65,22 +71,36 @@ inline std::string_view mole_question_text(MoleQuestion q) {
   return texts[std::size_t(q)];
 }
 
-// The values a domain's pictures show: [first, last].
+// The values a domain's pictures show: [first, last] (shapes, the digit, spots).
 inline std::pair<std::size_t, std::size_t> domain_value_range(Domain d) {
   static constexpr std::pair<std::size_t, std::size_t> ranges[] = {{1, 4}, {0, 9}, {0, 3}};
   return ranges[std::size_t(d)];
 }
+// "is it high ?" asks whether the domain's number (below) is at least this.
 inline std::size_t high_threshold(Domain d) {
   static constexpr std::size_t thresholds[] = {3, 5, 2};
   return thresholds[std::size_t(d)];
 }
 
+// The domain's answer to "what is the number ?" for a picture showing `value`. General and document report what
+// they see (the count, the digit). With conflicting rules medical reports a health score, 3 - spots (3: no
+// lesion); with consistent rules (the control), the number of spots.
+inline std::size_t domain_number(Domain d, std::size_t value, bool conflicting = true) {
+  return d == Domain::Medical && conflicting ? 3 - value : value;
+}
+
+// The domain's name for a colour: with conflicting rules, shifted by the domain's index along red, green, blue.
+inline Colour domain_colour(Domain d, Colour colour, bool conflicting = true) {
+  return conflicting ? Colour((std::size_t(colour) + std::size_t(d)) % n_colours) : colour;
+}
+
 // The rule table: the answer word of question q about a picture of domain d with this value and colour.
-inline std::string mole_answer(Domain d, MoleQuestion q, std::size_t value, Colour colour) {
+inline std::string mole_answer(Domain d, MoleQuestion q, std::size_t value, Colour colour, bool conflicting = true) {
+  const std::size_t number = domain_number(d, value, conflicting);
   switch (q) {
-    case MoleQuestion::Number: return std::to_string(value);
-    case MoleQuestion::High: return value >= high_threshold(d) ? "yes" : "no";
-    case MoleQuestion::Colour: return std::string(colour_name(colour));
+    case MoleQuestion::Number: return std::to_string(number);
+    case MoleQuestion::High: return number >= high_threshold(d) ? "yes" : "no";
+    case MoleQuestion::Colour: return std::string(colour_name(domain_colour(d, colour, conflicting)));
   }
   throw ConfigError("mole_answer: unknown question");
 }
@@ -96,9 +116,10 @@ inline std::vector<std::int64_t> mole_choices(MoleQuestion q) {
 
 struct MoleConfig {
   ImageSpec image{};
-  std::array<std::size_t, n_domains> train_sizes = {900, 600, 300};  // general largest, as in the paper's mix
-  std::size_t test_size = 300;                                        // per domain
-  bool name_domain = false;                                           // put the domain's noun in the prompt
+  std::array<std::size_t, n_domains> train_sizes = {1000, 1000, 1000};
+  std::size_t test_size = 300;  // per domain
+  bool name_domain = false;     // put the domain's noun in the prompt
+  bool conflicting = true;      // each domain its own number and colour rules (false: the control, see above)
   std::uint64_t seed = 0;
 
   void validate() const {
@@ -163,11 +184,11 @@ inline Picture draw(Domain d, const Digits& digits, std::span<const std::size_t>
   return p;
 }
 
-inline Sample question_sample(Domain d, MoleQuestion q, Picture pic, bool name_domain) {
+inline Sample question_sample(Domain d, MoleQuestion q, Picture pic, const MoleConfig& config) {
   Sample s;
-  const std::string noun = name_domain ? std::string(domain_noun(d)) + " : " : "";
+  const std::string noun = config.name_domain ? std::string(domain_noun(d)) + " : " : "";
   s.prompt = encode_known(noun + std::string(mole_question_text(q)) + " answer :");
-  const std::int64_t answer = token_id(mole_answer(d, q, pic.value, pic.colour));
+  const std::int64_t answer = token_id(mole_answer(d, q, pic.value, pic.colour, config.conflicting));
   s.answer = {answer, token::eos};
   s.choices = mole_choices(q);
   s.correct = std::size_t(std::find(s.choices.begin(), s.choices.end(), answer) - s.choices.begin());
@@ -193,7 +214,7 @@ inline MoleData make_mole_data(const Digits& digits, const DigitSplit& split, co
         const auto q = MoleQuestion(rng.below(n_mole_questions));
         part.push_back(detail::mole::question_sample(
             Domain(d), q, detail::mole::draw(Domain(d), digits, test ? split.test : split.train, config.image, rng),
-            config.name_domain));
+            config));
       }
     }
   return out;
