@@ -24,6 +24,16 @@ VitD::Config tiny_config(bool norm_taken = false) {
           .layer_norm_eps = 1e-5, .take_every = 2, .norm_taken = norm_taken};
 }
 
+// LoRA on the given targets (rank 2, dropout on so that eval mode must switch it off).
+VitD::Peft lora_on(VitLoRATargets targets) {
+  VitD::Peft peft;
+  peft.lora_targets = targets;
+  peft.lora = {.rank = 2, .alpha = 4, .dropout = 0.1};
+  return peft;
+}
+constexpr VitLoRATargets mlp_targets{.fc1 = true, .fc2 = true};
+constexpr VitLoRATargets all_targets{.q = true, .k = true, .v = true, .o = true, .fc1 = true, .fc2 = true};
+
 VitD::Peft adapters() {
   VitD::Peft peft;
   peft.mm_adapter = MMAdapter<double>::Config{.hidden = 4, .groups = 2, .scale = 0.9, .temperature = 3.0};
@@ -78,7 +88,7 @@ void gradient_check(VitD model, bool use_hidden, bool use_cls, std::uint64_t see
 // ---- golden (numpy reference, tools/make_golden.py) -----------------------------------------------------------
 
 template <class T>
-void golden_test(double tolerance) {
+void golden_test(double tolerance, const typename ClipVit<T>::Peft& peft = {}) {
   SafetensorsFile file(golden_path);
   const auto g = file.read<std::int64_t>("golden.config");
   const Tensor<double> want_hidden = file.read<double>("golden.hidden"), want_cls = file.read<double>("golden.cls"),
@@ -89,9 +99,11 @@ void golden_test(double tolerance) {
                       .dim = std::size_t(g(3)), .n_layers = std::size_t(g(4)), .n_heads = std::size_t(g(5)),
                       .mlp_dim = std::size_t(g(6)), .layer_norm_eps = 1e-5, .take_every = std::size_t(g(7)),
                       .norm_taken = norm_taken},
-                     {}, rng);
+                     peft, rng);
     const LoadReport report = load_hf_weights(model, golden_path);
     EXPECT_EQ(report.loaded.size(), 7u + 16u * std::size_t(g(4)));
+    EXPECT_TRUE(report.missing.empty());
+    for (const auto& n : report.unexpected) EXPECT_TRUE(n.starts_with("golden.")) << n;  // the references
     const Tensor<T> images = file.read<T>("golden.images");
     typename ClipVit<T>::Cache cache;
     const auto out = model.forward(images, cache);
@@ -102,6 +114,46 @@ void golden_test(double tolerance) {
 
 TEST(ClipVit, GoldenDouble) { golden_test<double>(1e-10); }
 TEST(ClipVit, GoldenFloat) { golden_test<float>(1e-4); }
+// The checkpoint loads into the base weights with LoRA on every projection (fresh B = 0: the golden output).
+TEST(ClipVit, GoldenWithLoRAOnEveryProjection) {
+  ClipVit<double>::Peft pd;
+  pd.lora_targets = all_targets;
+  golden_test<double>(1e-10, pd);
+  ClipVit<float>::Peft pf;
+  pf.lora_targets = all_targets;
+  golden_test<float>(1e-4, pf);
+}
+
+TEST(ClipVit, HfRoundTripWithMlpLoRASavesAndLoadsTheBaseOnly) {
+  Rng rng(21);
+  VitD source(tiny_config(), lora_on(all_targets), rng);
+  randomize(source, rng);
+  const std::string path = (std::filesystem::temp_directory_path() / "mixpeft_test_vit_lora.safetensors").string();
+  save_hf_weights(source, path, DType::F64);
+  {
+    SafetensorsFile file(path);
+    EXPECT_EQ(file.names().size(), 7u + 16u * 4u);
+    for (const auto& n : file.names()) EXPECT_EQ(n.find("lora_"), std::string::npos) << n;
+  }
+  VitD plain(tiny_config(), {}, rng);
+  const LoadReport report = load_hf_weights(plain, path);
+  EXPECT_EQ(report.loaded.size(), 7u + 16u * 4u);
+  VitD loaded(tiny_config(), lora_on(mlp_targets), rng);
+  EXPECT_EQ(load_hf_weights(loaded, path).loaded.size(), 7u + 16u * 4u);
+  std::remove(path.c_str());
+  for (std::size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(loaded.fc1(i).weight().value, source.fc1(i).weight().value) << i;
+    EXPECT_EQ(loaded.fc2(i).weight().value, source.fc2(i).weight().value) << i;
+  }
+  // Fresh LoRA on the loaded model: the plain model's output, bit for bit.
+  plain.set_training(false);
+  loaded.set_training(false);
+  const Tensor<double> images = random_tensor<double>({2, 2, 4, 4}, rng);
+  VitD::Cache a, b;
+  const auto x = plain.forward(images, a), y = loaded.forward(images, b);
+  EXPECT_EQ(x.hidden, y.hidden);
+  EXPECT_EQ(x.cls, y.cls);
+}
 
 TEST(ClipVit, PatchifyCutsPatchesInConvOrder) {
   // One image, 2 channels, 4x4 pixels, 2x2 patches: pixel value = 100 c + 10 y + x.
@@ -176,6 +228,67 @@ TEST(ClipVit, HuggingFaceParameterNames) {
   }
 }
 
+TEST(ClipVit, MlpLoRAParameterNamesShapesAndFreezing) {
+  Rng rng(14);
+  VitD model(tiny_config(), lora_on(mlp_targets), rng);
+  std::vector<std::string> trainable;
+  for (const auto& ref : parameters_of<double>(model))
+    if (ref.param->trainable) trainable.push_back(ref.name);
+  std::vector<std::string> want;
+  for (std::size_t i = 0; i < 4; ++i)
+    for (const char* fc : {"fc1", "fc2"})
+      for (const char* f : {"lora_A", "lora_B"})
+        want.push_back("vision_model.encoder.layers." + std::to_string(i) + ".mlp." + fc + "." + f + ".weight");
+  EXPECT_EQ(trainable, want);  // only the LoRA factors, in model order
+  for (std::size_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(model.fc1(i).has_lora());
+    ASSERT_TRUE(model.fc2(i).has_lora());
+    EXPECT_EQ(shape_of(model.fc1(i).lora().lora_A().value), (Shape{2, 8}));
+    EXPECT_EQ(shape_of(model.fc1(i).lora().lora_B().value), (Shape{12, 2}));
+    EXPECT_EQ(shape_of(model.fc2(i).lora().lora_A().value), (Shape{2, 12}));
+    EXPECT_EQ(shape_of(model.fc2(i).lora().lora_B().value), (Shape{8, 2}));
+    EXPECT_EQ(xt::amax(xt::abs(model.fc2(i).lora().lora_B().value))(), 0.0);
+    EXPECT_FALSE(model.attention(i).projection(0).has_lora());
+  }
+  ParameterList<double> base;
+  model.collect_base_parameters(base);
+  EXPECT_EQ(base.size(), 7u + 16u * 4u);
+  for (const auto& ref : base) {
+    EXPECT_FALSE(ref.param->trainable) << ref.name;
+    EXPECT_EQ(ref.name.find("lora_"), std::string::npos) << ref.name;
+  }
+  NamedRngs rngs;
+  model.collect_rngs(rngs);
+  std::vector<std::string> rng_names;
+  for (const auto& [name, r] : rngs) rng_names.push_back(name);
+  for (const char* n :
+       {"vision_model.encoder.layers.0.mlp.fc1.dropout_rng", "vision_model.encoder.layers.3.mlp.fc2.dropout_rng"})
+    EXPECT_NE(std::find(rng_names.begin(), rng_names.end(), n), rng_names.end()) << n;
+  EXPECT_EQ(rng_names.size(), 8u);
+  // Untargeted: plain Linears, no LoRA parameters, no RNGs.
+  VitD plain(tiny_config(), lora_on({.q = true}), rng);
+  EXPECT_FALSE(plain.fc1(0).has_lora());
+  EXPECT_FALSE(plain.fc2(0).has_lora());
+  for (const auto& ref : parameters_of<double>(plain))
+    EXPECT_FALSE(ref.name.find(".mlp.") != std::string::npos && ref.name.find("lora_") != std::string::npos)
+        << ref.name;
+}
+
+TEST(ClipVit, MlpLoRADropoutFollowsTrainingMode) {
+  Rng rng(15);
+  VitD::Peft peft = lora_on(mlp_targets);
+  peft.lora.dropout = 0.5;
+  VitD model(tiny_config(), peft, rng);
+  randomize(model, rng);
+  const Tensor<double> images = random_tensor<double>({2, 2, 4, 4}, rng);
+  VitD::Cache c;
+  model.set_training(false);
+  const Tensor<double> eval1 = model.forward(images, c).hidden, eval2 = model.forward(images, c).hidden;
+  EXPECT_EQ(eval1, eval2);
+  model.set_training(true);
+  EXPECT_GT(max_abs_diff(model.forward(images, c).hidden, eval1), 1e-6);
+}
+
 TEST(ClipVit, FrozenBaseGetsNoGradientsAndNoImageGradientUnlessAsked) {
   Rng rng(5);
   VitD model(tiny_config(), adapters(), rng);
@@ -205,6 +318,33 @@ TEST(ClipVit, FreshAdaptersLeaveTheEncoderUnchanged) {
   const auto x = plain.forward(images, a), y = adapted.forward(images, b);
   EXPECT_LT(max_abs_diff(x.hidden, y.hidden), 1e-12);
   EXPECT_LT(max_abs_diff(x.cls, y.cls), 1e-12);
+}
+
+// Fresh LoRA (B = 0) on every projection: the base model's outputs bit for bit, in eval and (dropout on) training.
+TEST(ClipVit, FreshLoRALeavesTheEncoderBitIdentical) {
+  for (const VitLoRATargets& targets : {mlp_targets, all_targets}) {
+    Rng rng(16);
+    VitD plain(tiny_config(true), {}, rng);
+    randomize(plain, rng);
+    VitD lora(tiny_config(true), lora_on(targets), rng);
+    ParameterList<double> from, to;
+    plain.collect_base_parameters(from);
+    lora.collect_base_parameters(to);
+    ASSERT_EQ(from.size(), to.size());
+    for (std::size_t i = 0; i < from.size(); ++i) {
+      ASSERT_EQ(from[i].name, to[i].name);
+      to[i].param->value = from[i].param->value;
+    }
+    const Tensor<double> images = random_tensor<double>({2, 2, 4, 4}, rng);
+    for (bool training : {false, true}) {
+      plain.set_training(training);
+      lora.set_training(training);
+      VitD::Cache a, b;
+      const auto x = plain.forward(images, a), y = lora.forward(images, b);
+      EXPECT_EQ(x.hidden, y.hidden) << training;
+      EXPECT_EQ(x.cls, y.cls) << training;
+    }
+  }
 }
 
 TEST(ClipVit, EachImageIsRoutedFromItsOwnClsToken) {
@@ -252,6 +392,48 @@ TEST(ClipVit, GradientCheckLoRAOnAttention) {
   VitD model(tiny_config(), peft, rng);
   randomize(model, rng);
   gradient_check(model, true, false);
+}
+
+TEST(ClipVit, GradientCheckLoRAOnMlp) {
+  Rng rng(17);
+  VitD model(tiny_config(true), lora_on(mlp_targets), rng);
+  randomize(model, rng);
+  gradient_check(model, true, true);      // LoRA factors on fc1, fc2 of every block, and the images
+  gradient_check(model, false, true, 5);  // from the [cls] tokens only
+}
+
+TEST(ClipVit, GradientCheckLoRAOnOneMlpLayerWithAdaptersAndAttentionLoRA) {
+  for (const VitLoRATargets& targets : {VitLoRATargets{.fc2 = true}, VitLoRATargets{.fc1 = true},
+                                        VitLoRATargets{.q = true, .v = true, .fc1 = true, .fc2 = true}}) {
+    Rng rng(18);
+    VitD::Peft peft = adapters();
+    peft.lora_targets = targets;
+    peft.lora = {.rank = 3, .alpha = 6, .dropout = 0.0, .use_rslora = true};
+    VitD model(tiny_config(), peft, rng);
+    randomize(model, rng);
+    gradient_check(model, true, false);
+  }
+}
+
+// Frozen base: d_cls alone reaches every block's MLP LoRA factors, no base weight gets a gradient.
+TEST(ClipVit, MlpLoRAFrozenBaseGetsNoGradients) {
+  Rng rng(19);
+  VitD model(tiny_config(), lora_on(mlp_targets), rng);
+  randomize(model, rng);
+  model.set_training(false);
+  VitD::Cache cache;
+  const auto out = model.forward(random_tensor<double>({3, 2, 4, 4}, rng), cache);
+  auto params = parameters_of<double>(model);
+  zero_grads(params);
+  EXPECT_EQ(model.backward(cache, {}, random_tensor<double>(shape_of(out.cls), rng)).size(), 0u);
+  ParameterList<double> base;
+  model.collect_base_parameters(base);
+  for (const auto& ref : base) EXPECT_EQ(ref.param->grad.size(), 0u) << ref.name;
+  for (std::size_t i = 0; i < 4; ++i)
+    for (auto* fc : {&model.fc1(i), &model.fc2(i)}) {
+      EXPECT_GT(xt::amax(xt::abs(fc->lora().lora_A().grad))(), 0.0) << i;
+      EXPECT_GT(xt::amax(xt::abs(fc->lora().lora_B().grad))(), 0.0) << i;
+    }
 }
 
 // ---- errors -----------------------------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-// mixpeft/models/vit.hpp — the CLIP vision transformer (Hugging Face CLIPVisionModel) with LaVIN's MM-Adapters.
+// mixpeft/models/vit.hpp — the CLIP vision transformer (Hugging Face CLIPVisionModel) with LaVIN's MM-Adapters
+// and LoRA.
 //
 //   patches  = the image cut into Np = (S/P)^2 patches, each flattened in (channel, row, column) order
 //   e        = patches W_patch^T                                      conv with stride P, no bias == a linear map
 //   x_0      = LayerNorm_pre([cls; e] + pos)                          [cls] prepended, learned positions
 //   block i: h = LayerNorm_1(x)      a = MMAdapter(h, route = h[:, 0])     (when enabled, else a = h)
 //            x' = x + Attn(a)         non-causal MHA, q/k/v/out projections with biases (optional LoRA)
-//            x  = x' + fc2(QuickGELU(fc1(LayerNorm_2(x'))))
+//            x  = x' + fc2(QuickGELU(fc1(LayerNorm_2(x'))))   fc1, fc2 with biases (optional LoRA)
 //   outputs: hidden = x_L (last_hidden_state, before post_layernorm), and the [cls] token x_i[:, 0] after every
 //            `take_every`-th block (i = take_every - 1, 2 take_every - 1, ...: LaVIN takes 6 of 24), optionally
 //            through post_layernorm (norm_taken), as cls [B, n_taken, D].
+// PEFT (Peft): mm_adapter      an MM-Adapter before attention in every block (LaVIN)
+//              lora_targets    LoRA (LoRALinear, W + s B A) on any of q, k, v, o (q/k/v/out_proj) and fc1, fc2
+//                              (mlp.fc1, mlp.fc2), in every block; `lora` gives rank, alpha, dropout, rsLoRA.
+//                              An untargeted projection stays a plain Linear (no extra work). MoLE does not
+//                              apply: LoRAExperts is a SwiGLU FFN and this MLP is QuickGELU.
+//              freeze_base     every pretrained weight frozen (default: when any PEFT module is on)
 // Routing: each image's adapters route from its own normed [cls] token (row 0). The LaVIN reference code routes
 // the ViT's adapters in a way that depends on the rest of the batch; routing per image makes an image's
 // features independent of its batch-mates.
@@ -17,12 +24,15 @@
 // stops at the lowest block with a trainable parameter unless the embeddings are trainable or d_images is
 // requested (then through pre-LN, the positions, the [cls] token and the patch projection down to the pixels).
 // Frozen weights get no gradient work.
-// Cache: per block its input, both LayerNorms' statistics, x', fc1's output and the sub-layers' caches; the
-// embeddings' pre-LN input and statistics; the taken [cls] tokens (before post_layernorm).
+// Cache: per block its input, both LayerNorms' statistics, x', fc1's output and the sub-layers' caches (with the
+// LoRA intermediates of targeted layers); the embeddings' pre-LN input and statistics; the taken [cls] tokens
+// (before post_layernorm).
 // Parameter names (Hugging Face): vision_model.embeddings.{patch_embedding.weight, class_embedding,
 // position_embedding.weight}, vision_model.pre_layrnorm.{weight,bias},
 // vision_model.encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*,
-// vision_model.post_layernorm.*, adapters under vision_model.encoder.layers.{i}.adapter_attn.*.
+// vision_model.post_layernorm.*, adapters under vision_model.encoder.layers.{i}.adapter_attn.*, LoRA factors
+// under their projection with PEFT's names (…self_attn.q_proj.lora_A.weight, …mlp.fc1.lora_B.weight).
+// collect_base_parameters lists the pretrained weights only, so a Hugging Face checkpoint loads with LoRA on.
 // The patch weight is stored flattened as [D, C P P]; Hugging Face's conv weight [D, C, P, P] has the same
 // row-major bytes (hf_weights.hpp reshapes it).
 // Shapes: images [B, C, S, S] (S = image_size), N = Np + 1 tokens, D width, hidden [B, N, D], cls [B, n_taken, D].
@@ -75,12 +85,21 @@ Tensor<T> unpatchify(const Tensor<T>& patches, const Shape& image_shape, std::si
   return out;
 }
 
+// Which of a ViT block's linear layers carry a LoRA adapter: the attention projections (as LoRATargets) and the
+// MLP's fc1 and fc2.
+struct VitLoRATargets {
+  bool q = false, k = false, v = false, o = false, fc1 = false, fc2 = false;
+  bool any() const { return attention().any() || fc1 || fc2; }
+  LoRATargets attention() const { return {.q = q, .k = k, .v = v, .o = o}; }
+};
+
 template <class T, class Backend = Cpu>
 class ClipVit {
  public:
   using Tensor = typename Backend::template tensor<T>;
   using Attention = SelfAttention<T, Backend>;
   using Adapter = MMAdapter<T, Backend>;
+  using Mlp = Projection<T, Backend>;  // fc1 / fc2: a Linear, or a LoRALinear when targeted
 
   struct Config {
     std::size_t image_size = 0;
@@ -97,7 +116,7 @@ class ClipVit {
 
   struct Peft {
     std::optional<typename Adapter::Config> mm_adapter{};  // one before attention in every block; dim from the model
-    LoRATargets lora_targets{};
+    VitLoRATargets lora_targets{};  // q, k, v, o (attention) and fc1, fc2 (MLP)
     typename LoRALinear<T, Backend>::AdapterConfig lora{};
     std::optional<bool> freeze_base{};  // default: any PEFT module on
 
@@ -114,7 +133,7 @@ class ClipVit {
     typename Adapter::Cache adapter;
     typename Attention::Cache attn;
     Tensor x_mid, mean2, rstd2;  // x' and LayerNorm_2 statistics
-    typename Linear<T, Backend>::Cache fc1, fc2;
+    typename Mlp::Cache fc1, fc2;
     Tensor f;  // [B, N, mlp_dim] fc1 output (QuickGELU input)
   };
 
@@ -152,15 +171,16 @@ class ClipVit {
                                     .heads = config.n_heads,
                                     .bias = true,
                                     .names = {"q_proj", "k_proj", "v_proj", "out_proj"},
-                                    .lora_targets = peft.lora_targets,
+                                    .lora_targets = peft.lora_targets.attention(),
                                     .lora = peft.lora,
                                     .trainable_base = trainable};
-      const typename Linear<T, Backend>::Config fc1{.in = d, .out = config.mlp_dim, .bias = true,
-                                                    .trainable_weight = trainable, .trainable_bias = trainable};
-      const typename Linear<T, Backend>::Config fc2{.in = config.mlp_dim, .out = d, .bias = true,
-                                                    .trainable_weight = trainable, .trainable_bias = trainable};
-      Block& b = blocks_.emplace_back(Block{norm_pair(d, trainable), norm_pair(d, trainable), Attention(ac, nullptr, rng),
-                                            Linear<T, Backend>(fc1, rng), Linear<T, Backend>(fc2, rng), std::nullopt});
+      const auto* lora1 = peft.lora_targets.fc1 ? &peft.lora : nullptr;
+      const auto* lora2 = peft.lora_targets.fc2 ? &peft.lora : nullptr;
+      Attention attn(ac, nullptr, rng);
+      Mlp fc1(d, config.mlp_dim, /*bias=*/true, lora1, trainable, rng);
+      Mlp fc2(config.mlp_dim, d, /*bias=*/true, lora2, trainable, rng);
+      Block& b = blocks_.emplace_back(Block{norm_pair(d, trainable), norm_pair(d, trainable), std::move(attn),
+                                            std::move(fc1), std::move(fc2), std::nullopt});
       if (peft.mm_adapter) b.adapter.emplace(mm, rng);
     }
   }
@@ -248,6 +268,8 @@ class ClipVit {
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       const std::string p = join_name(layers, std::to_string(i));
       blocks_[i].attn.collect_rngs(list, join_name(p, "self_attn"));
+      blocks_[i].fc1.collect_rngs(list, join_name(p, "mlp.fc1"));
+      blocks_[i].fc2.collect_rngs(list, join_name(p, "mlp.fc2"));
       if (blocks_[i].adapter) blocks_[i].adapter->collect_rngs(list, join_name(p, "adapter_attn"));
     }
   }
@@ -256,6 +278,8 @@ class ClipVit {
     training_ = on;
     for (Block& b : blocks_) {
       b.attn.set_training(on);
+      b.fc1.set_training(on);
+      b.fc2.set_training(on);
       if (b.adapter) b.adapter->set_training(on);
     }
   }
@@ -268,6 +292,8 @@ class ClipVit {
   std::size_t num_layers() const { return blocks_.size(); }
   Adapter* adapter(std::size_t i) { return blocks_.at(i).adapter ? &*blocks_[i].adapter : nullptr; }
   Attention& attention(std::size_t i) { return blocks_.at(i).attn; }
+  Mlp& fc1(std::size_t i) { return blocks_.at(i).fc1; }  // fc1(i).has_lora(), fc1(i).lora().lora_A(), ...
+  Mlp& fc2(std::size_t i) { return blocks_.at(i).fc2; }
   Parameter<T, Backend>& patch_weight() { return patch_.weight(); }  // [D, C P P]
 
  private:
@@ -277,7 +303,7 @@ class ClipVit {
   struct Block {
     Norm ln1, ln2;
     Attention attn;
-    Linear<T, Backend> fc1, fc2;
+    Mlp fc1, fc2;
     std::optional<Adapter> adapter;
   };
 
@@ -368,8 +394,13 @@ class ClipVit {
     if (base_only) b.attn.collect_base_parameters(list, join_name(p, "self_attn"));
     else b.attn.collect_parameters(list, join_name(p, "self_attn"));
     collect_norm(list, b.ln1, join_name(p, "layer_norm1"));
-    b.fc1.collect_parameters(list, join_name(p, "mlp.fc1"));
-    b.fc2.collect_parameters(list, join_name(p, "mlp.fc2"));
+    if (base_only) {
+      b.fc1.collect_base_parameters(list, join_name(p, "mlp.fc1"));
+      b.fc2.collect_base_parameters(list, join_name(p, "mlp.fc2"));
+    } else {
+      b.fc1.collect_parameters(list, join_name(p, "mlp.fc1"));
+      b.fc2.collect_parameters(list, join_name(p, "mlp.fc2"));
+    }
     collect_norm(list, b.ln2, join_name(p, "layer_norm2"));
     if (!base_only && b.adapter) b.adapter->collect_parameters(list, join_name(p, "adapter_attn"));
   }
