@@ -85,3 +85,26 @@ TEST(Gemm, AllTransposeCombinations) {
   gemm(Trans::No, Trans::No, 3, 5, 4, 2.0, A.data(), B.data(), 1.0, c.data());  // c = ref + 2 ref
   EXPECT_LT(max_abs_diff(c, Tensor<double>(3.0 * ref)), 1e-12);
 }
+
+// The tensor form (the CUDA gemm's signature) forwards to the pointer form; it only checks element counts, so a
+// [2, 3, 4] activation serves as the [6, 4] matrix.
+TEST(Gemm, TensorFormMatchesPointerFormAndChecksCounts) {
+  Rng rng(11);
+  Tensor<double> A = random_tensor<double>({2, 3, 4}, rng), B = random_tensor<double>({5, 4}, rng);
+  Tensor<double> c0 = random_tensor<double>({6, 5}, rng);
+  Tensor<double> ref = c0, c = c0;
+  gemm(Trans::No, Trans::Yes, 6, 5, 4, 0.5, A.data(), B.data(), 2.0, ref.data());
+  gemm(Trans::No, Trans::Yes, 6, 5, 4, 0.5, A, B, 2.0, c);
+  EXPECT_EQ(c, ref);
+  Tensor<float> Af = zeros<float>({6, 4}), Bf = zeros<float>({5, 4}), cf = zeros<float>({6, 5});
+  gemm(Trans::No, Trans::Yes, 6, 5, 4, 1, Af, Bf, 0, cf);  // int literals convert: alpha is not deduced
+  try {
+    gemm(Trans::No, Trans::Yes, 6, 5, 3, 1.0, A, B, 0.0, c);
+    FAIL();
+  } catch (const ShapeError& e) {
+    EXPECT_STREQ(e.what(), "gemm: A has shape [2, 3, 4], expected 18 elements (M = 6, K = 3)");
+  }
+  EXPECT_THROW(gemm(Trans::No, Trans::Yes, 6, 4, 4, 1.0, A, B, 0.0, c), ShapeError);  // B holds 20, not 16
+  Tensor<double> small = zeros<double>({5, 5});
+  EXPECT_THROW(gemm(Trans::No, Trans::Yes, 6, 5, 4, 1.0, A, B, 0.0, small), ShapeError);
+}

@@ -160,6 +160,13 @@ void resize_to(Tensor<T>& t, const Shape& shape) {
     t.resize(shape);
 }
 
+// dst = src, a copy that gives dst src's shape. Backend-generic code copies with assign() rather than `=`:
+// cuda::DeviceTensor is move-only and has the same function (cuda/device_tensor.cuh).
+template <class T>
+void assign(Tensor<T>& dst, const Tensor<T>& src) {
+  if (&dst != &src) dst = src;
+}
+
 // `shape` with its last extent replaced.
 inline Shape with_last(Shape shape, std::size_t last) {
   if (shape.empty()) shape.push_back(last);

@@ -7,6 +7,8 @@
 // aliases here so that generic code can spell them through the backend:
 //   typename Backend::template attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
 // The ids of embedding and the targets of cross-entropy stay host tensors on both backends.
+// Parameters are initialised on the host (the same Rng draws as on the CPU) and moved here with
+// Cuda::from_host<T>(host) (an upload on the current stream); Cuda::zeros<T>(shape) is a zeroed device tensor.
 #pragma once
 
 #include "mixpeft/core/backend.hpp"
@@ -15,6 +17,7 @@
 #include "mixpeft/cuda/cross_entropy.cuh"
 #include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/cuda/dropout.cuh"
+#include "mixpeft/cuda/elementwise.cuh"
 #include "mixpeft/cuda/embedding.cuh"
 #include "mixpeft/cuda/grouped_lora.cuh"
 #include "mixpeft/cuda/layernorm.cuh"
@@ -36,6 +39,17 @@ struct Cuda {
   template <class T>
   using rope_table = cuda::DeviceRopeTable<T>;
   static constexpr const char* name = "cuda";
+
+  template <class T>
+  static cuda::DeviceTensor<T> from_host(const Tensor<T>& host) {
+    return cuda::upload(host);
+  }
+  template <class T>
+  static cuda::DeviceTensor<T> zeros(const Shape& shape) {
+    cuda::DeviceTensor<T> t(shape);
+    cuda::set_zero(t);
+    return t;
+  }
 };
 
 }  // namespace mixpeft

@@ -6,13 +6,23 @@
 // array (float: 4, double: 2, bf16 / fp16: 8), and falls back to V = 1 when any pointer is not 16-byte aligned.
 // The tail pack of an n that is not a multiple of V is handled element by element. Outputs may alias inputs
 // (each element is read and written by the same thread), so ops can run in place.
+//
+// add_transposed(src, alpha, dst): dst[R, C] += alpha * src[C, R]^T on DeviceTensors, the CUDA op of
+// ops/elementwise.hpp. A tiled transpose: each block stages a 32 x 32 tile of src in shared memory (rows padded
+// to 33 entries so the transposed reads hit distinct banks), reading src and updating dst along their rows
+// (coalesced both ways); tiles are visited by a grid-stride loop. dst must not alias src.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <array>
 #include <cstddef>
+#include <string_view>
+#include <type_traits>
 
+#include "mixpeft/core/error.hpp"
+#include "mixpeft/core/tensor.hpp"
+#include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/cuda/error.cuh"
 #include "mixpeft/cuda/kernel_utils.cuh"
 #include "mixpeft/cuda/memory.cuh"
@@ -91,5 +101,56 @@ void map_elements(const char* name, std::size_t n, F f, const std::array<const T
   check_launch(name);
 }
 
+inline constexpr int transpose_tile = 32;
+inline constexpr int transpose_rows = 8;  // threads per tile column: a block is transpose_tile x transpose_rows
+
+// dst[r, c] += alpha * src[c, r] for dst [rows, cols], src [cols, rows].
+template <class T>
+__global__ void add_transposed_kernel(const T* __restrict__ src, acc_t<T> alpha, std::size_t rows, std::size_t cols,
+                                      T* __restrict__ dst) {
+  constexpr int tile = transpose_tile;
+  __shared__ acc_t<T> buf[tile][tile + 1];
+  const std::size_t tiles_r = (rows + tile - 1) / tile, tiles_c = (cols + tile - 1) / tile;
+  const unsigned tx = threadIdx.x, ty = threadIdx.y;
+  // The trip count depends on blockIdx only, so every thread of a block reaches the same __syncthreads().
+  for (std::size_t t = blockIdx.x; t < tiles_r * tiles_c; t += gridDim.x) {
+    const std::size_t r0 = (t / tiles_c) * tile, c0 = (t % tiles_c) * tile;
+    // buf[y][x] = src[c0 + y, r0 + x]: consecutive threads read consecutive entries of a src row.
+    for (unsigned y = ty; y < unsigned(tile); y += transpose_rows) {
+      const std::size_t sc = c0 + y, sr = r0 + tx;
+      if (sc < cols && sr < rows) buf[y][tx] = widen(src[sc * rows + sr]);
+    }
+    __syncthreads();
+    // dst[r0 + y, c0 + x] += alpha * src[c0 + x, r0 + y] = alpha * buf[x][y]: consecutive threads update
+    // consecutive entries of a dst row.
+    for (unsigned y = ty; y < unsigned(tile); y += transpose_rows) {
+      const std::size_t dr = r0 + y, dc = c0 + tx;
+      if (dr < rows && dc < cols) {
+        T& d = dst[dr * cols + dc];
+        d = narrow<T>(widen(d) + alpha * buf[tx][y]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites buf
+  }
+}
+
 }  // namespace detail
+
+// dst[R, C] += alpha * src[C, R]^T. Both are rank 2; dst must not share storage with src.
+template <class T>
+void add_transposed(const DeviceTensor<T>& src, std::type_identity_t<T> alpha, DeviceTensor<T>& dst) {
+  constexpr std::string_view op = "add_transposed";
+  expect_shape(op, "dst", dst, {any_extent, any_extent});
+  const std::size_t r = dst.shape()[0], c = dst.shape()[1];
+  expect_shape(op, "src", src, {c, r});
+  require<ConfigError>(src.size() == 0 || src.data() != dst.data(), op, ": dst must not alias src");
+  if (dst.size() == 0) return;
+  constexpr std::size_t tile = detail::transpose_tile;
+  const std::size_t tiles = ((r + tile - 1) / tile) * ((c + tile - 1) / tile);
+  const dim3 block(detail::transpose_tile, detail::transpose_rows);
+  detail::add_transposed_kernel<<<grid_size(tiles, 1), block, 0, current_stream()>>>(
+      src.data(), acc_t<T>(widen(alpha)), r, c, dst.data());
+  check_launch(op.data());
+}
+
 }  // namespace mixpeft::cuda

@@ -447,13 +447,7 @@ struct AddInto {  // y = x0 + x1
 template <class T>
 void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, std::type_identity_t<T> alpha,
           const DeviceTensor<T>& a, const DeviceTensor<T>& b, std::type_identity_t<T> beta, DeviceTensor<T>& c) {
-  constexpr std::string_view op = "gemm";
-  require<ShapeError>(a.size() == m * k, op, ": A has shape ", shape_string(a.shape()), ", expected ", m * k,
-                      " elements (M = ", m, ", K = ", k, ")");
-  require<ShapeError>(b.size() == k * n, op, ": B has shape ", shape_string(b.shape()), ", expected ", k * n,
-                      " elements (K = ", k, ", N = ", n, ")");
-  require<ShapeError>(c.size() == m * n, op, ": C has shape ", shape_string(c.shape()), ", expected ", m * n,
-                      " elements (M = ", m, ", N = ", n, ")");
+  mixpeft::detail::expect_gemm_sizes(a, b, c, m, n, k);
   matmul(MatmulCall<T>{.ta = ta, .tb = tb, .m = m, .n = n, .k = k, .alpha = double(widen(alpha)),
                        .a = a.data(), .lda = ta == Trans::No ? k : m, .b = b.data(), .ldb = tb == Trans::No ? n : k,
                        .beta = double(widen(beta)), .c = c.data(), .ldc = n});

@@ -9,6 +9,9 @@
 // Init (nn.Linear): W kaiming_uniform(a = sqrt(5)), b linear_bias (U(-1/sqrt(in), 1/sqrt(in))).
 // Parameter names (Hugging Face): "weight", "bias"; the bias is excluded from weight decay.
 // Shapes: leading axes of x are rows (N = B * T for x [B, T, in]).
+// Backends: device-generic. Every computation is an unqualified op call (linear_forward / linear_backward, the
+// tensor-level gemm, assign, resize_to), so Linear<T, Cuda> runs on cuda::DeviceTensor unchanged; W and b are
+// initialised on the host with the CPU layer's Rng draws and moved over with Backend::from_host.
 #pragma once
 
 #include <cmath>
@@ -28,6 +31,7 @@ template <class T, class Backend = Cpu>
 class Linear {
  public:
   using Tensor = typename Backend::template tensor<T>;
+  using HostTensor = ::mixpeft::Tensor<T>;
 
   struct Config {
     std::size_t in = 0;
@@ -44,13 +48,14 @@ class Linear {
   Linear(const Config& config, Rng& rng) : config_(config) {
     require<ConfigError>(config.in > 0 && config.out > 0, "Linear: in and out must be > 0 (got in = ", config.in,
                          ", out = ", config.out, ")");
-    Tensor w = empty<T>({config.out, config.in});
+    HostTensor w = empty<T>({config.out, config.in});
     init::kaiming_uniform(w, rng);
-    weight_ = Parameter<T, Backend>("weight", std::move(w), config.trainable_weight);
+    weight_ = Parameter<T, Backend>("weight", Backend::template from_host<T>(std::move(w)), config.trainable_weight);
     if (config.bias) {
-      Tensor b = empty<T>({config.out});
+      HostTensor b = empty<T>({config.out});
       init::linear_bias(b, rng, config.in);
-      bias_ = Parameter<T, Backend>("bias", std::move(b), config.trainable_bias, /*decay=*/false);
+      bias_ = Parameter<T, Backend>("bias", Backend::template from_host<T>(std::move(b)), config.trainable_bias,
+                                    /*decay=*/false);
     }
   }
 
@@ -58,7 +63,7 @@ class Linear {
     expect_width("Linear", "x", x, config_.in);
     Tensor y;
     linear_forward(x, weight_.value, config_.bias ? &bias_.value : nullptr, y);
-    if (needs_input()) cache.x = x;
+    if (needs_input()) assign(cache.x, x);
     return y;
   }
 
@@ -70,8 +75,7 @@ class Linear {
                       config_.bias && bias_.trainable ? &bias_.grad : nullptr);
     } else {
       resize_to(dx, with_last(shape_of(dy), config_.in));
-      gemm(Trans::No, Trans::No, rows(dy), config_.in, config_.out, T(1), dy.data(), weight_.value.data(), T(0),
-           dx.data());
+      gemm(Trans::No, Trans::No, rows(dy), config_.in, config_.out, T(1), dy, weight_.value, T(0), dx);
     }
     return dx;
   }

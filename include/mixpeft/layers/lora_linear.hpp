@@ -4,7 +4,7 @@
 //              t   = x_d A^T                                      // [N, r]
 //              y   = x W^T + b + s * t B^T                        s = alpha / r  (rsLoRA: alpha / sqrt(r))
 //   backward:  g   = dy B                                         // [N, r]
-//              dB += s * dy^T t                                   (accumulated; only while B is trainable)
+//              dB += s * dy^T t = (s t^T dy)^T                    (accumulated; only while B is trainable)
 //              dA += s * g^T x_d                                  (accumulated; only while A is trainable)
 //              dx  = dropout_backward(s * g A) + dy W             (written)
 // Every product touching the adapter goes through the rank-r intermediates t and g, so the adapter adds
@@ -21,6 +21,12 @@
 // loads unchanged); the adapter named "default" uses PEFT's saved names "lora_A.weight" and "lora_B.weight";
 // any other adapter n uses PEFT's in-model names "lora_A.n.weight" and "lora_B.n.weight".
 // Shapes: x [..., in] (leading axes are rows, N in total), y [..., out], r the adapter rank.
+// Backends: device-generic. Every computation is an unqualified op call (linear_forward / linear_backward, the
+// tensor-level gemm, dropout_forward / dropout_backward, add_transposed, assign, resize_to), so
+// LoRALinear<T, Cuda> runs on cuda::DeviceTensor unchanged. W, b and every A are initialised on the host with the
+// CPU layer's Rng draws and moved over with Backend::from_host, B starts as Backend::zeros, and the dropout Rng
+// stays on the host (the CUDA dropout draws the CPU op's masks for the same seed), so LoRALinear<T, Cuda> and
+// LoRALinear<T, Cpu> built from Rng(s) hold the same weights and drop the same inputs.
 #pragma once
 
 #include <cmath>
@@ -35,6 +41,7 @@
 #include "mixpeft/core/parameter.hpp"
 #include "mixpeft/core/rng.hpp"
 #include "mixpeft/ops/dropout.hpp"
+#include "mixpeft/ops/elementwise.hpp"
 #include "mixpeft/ops/matmul.hpp"
 
 namespace mixpeft {
@@ -43,6 +50,7 @@ template <class T, class Backend = Cpu>
 class LoRALinear {
  public:
   using Tensor = typename Backend::template tensor<T>;
+  using HostTensor = ::mixpeft::Tensor<T>;
 
   struct AdapterConfig {
     std::size_t rank = 8;
@@ -72,13 +80,13 @@ class LoRALinear {
   LoRALinear(const Config& config, Rng& rng) : config_(config) {
     require<ConfigError>(config.in > 0 && config.out > 0, "LoRALinear: in and out must be > 0 (got in = ",
                          config.in, ", out = ", config.out, ")");
-    Tensor w = empty<T>({config.out, config.in});
+    HostTensor w = empty<T>({config.out, config.in});
     init::kaiming_uniform(w, rng);
-    weight_ = Parameter<T, Backend>("weight", std::move(w), false);
+    weight_ = Parameter<T, Backend>("weight", Backend::template from_host<T>(std::move(w)), false);
     if (config.bias) {
-      Tensor b = empty<T>({config.out});
+      HostTensor b = empty<T>({config.out});
       init::linear_bias(b, rng, config.in);
-      bias_ = Parameter<T, Backend>("bias", std::move(b), false, /*decay=*/false);
+      bias_ = Parameter<T, Backend>("bias", Backend::template from_host<T>(std::move(b)), false, /*decay=*/false);
     }
     add_adapter(config.adapter, config.lora, rng);
     active_ = config.adapter;
@@ -95,12 +103,13 @@ class LoRALinear {
     require<ConfigError>(ac.dropout >= 0 && ac.dropout < 1, "LoRALinear: dropout must be in [0, 1) (got ",
                          ac.dropout, ")");
     const std::string infix = name == "default" ? "" : name + ".";
-    Tensor a = empty<T>({ac.rank, config_.in});
+    HostTensor a = empty<T>({ac.rank, config_.in});
     init::kaiming_uniform(a, rng);
     Lora lora{ac,
               ac.use_rslora ? ac.alpha / std::sqrt(double(ac.rank)) : ac.alpha / double(ac.rank),
-              Parameter<T, Backend>("lora_A." + infix + "weight", std::move(a), true),
-              Parameter<T, Backend>("lora_B." + infix + "weight", zeros<T>({config_.out, ac.rank}), true)};
+              Parameter<T, Backend>("lora_A." + infix + "weight", Backend::template from_host<T>(std::move(a)), true),
+              Parameter<T, Backend>("lora_B." + infix + "weight",
+                                    Backend::template zeros<T>(Shape{config_.out, ac.rank}), true)};
     adapters_.emplace(name, std::move(lora));
   }
 
@@ -140,11 +149,11 @@ class LoRALinear {
     } else {
       resize_to(cache.mask, Shape{0});
     }
-    if ((!drop && lora.A.trainable) || base_trainable()) cache.x = x;
+    if ((!drop && lora.A.trainable) || base_trainable()) assign(cache.x, x);
     const Tensor& x_d = drop ? cache.x_d : x;
     linear_forward(x_d, lora.A.value, nullptr, cache.t);
-    gemm(Trans::No, Trans::Yes, rows(x), config_.out, lora.config.rank, T(lora.scale), cache.t.data(),
-         lora.B.value.data(), T(1), y.data());
+    gemm(Trans::No, Trans::Yes, rows(x), config_.out, lora.config.rank, T(lora.scale), cache.t, lora.B.value, T(1),
+         y);
     return y;
   }
 
@@ -160,28 +169,27 @@ class LoRALinear {
     const bool drop = cache.mask.size() > 0;
 
     resize_to(cache.g, Shape{n, r});
-    gemm(Trans::No, Trans::No, n, r, out, T(1), dy.data(), lora.B.value.data(), T(0), cache.g.data());
+    gemm(Trans::No, Trans::No, n, r, out, T(1), dy, lora.B.value, T(0), cache.g);
     if (lora.B.trainable) {
       // dB^T = s t^T dy first: a reduction over rows with both operands read row-major, about twice as fast as
-      // dy^T t straight into dB [out, r].
+      // dy^T t straight into dB [out, r]; add_transposed then folds it into dB.
       resize_to(cache.dbt, Shape{r, out});
-      gemm(Trans::Yes, Trans::No, r, out, n, s, cache.t.data(), dy.data(), T(0), cache.dbt.data());
-      matrix_view(lora.B.grad.data(), out, r).noalias() += matrix_view(cache.dbt.data(), r, out).transpose();
+      gemm(Trans::Yes, Trans::No, r, out, n, s, cache.t, dy, T(0), cache.dbt);
+      add_transposed(cache.dbt, T(1), lora.B.grad);
     }
     if (lora.A.trainable)
-      gemm(Trans::Yes, Trans::No, r, in, n, s, cache.g.data(), (drop ? cache.x_d : cache.x).data(), T(1),
-           lora.A.grad.data());
+      gemm(Trans::Yes, Trans::No, r, in, n, s, cache.g, drop ? cache.x_d : cache.x, T(1), lora.A.grad);
 
     Tensor dx;
     resize_to(dx, with_last(shape_of(dy), in));
     if (drop) {
       resize_to(cache.dx_d, shape_of(dx));
-      gemm(Trans::No, Trans::No, n, in, r, s, cache.g.data(), lora.A.value.data(), T(0), cache.dx_d.data());
+      gemm(Trans::No, Trans::No, n, in, r, s, cache.g, lora.A.value, T(0), cache.dx_d);
       dropout_backward(cache.dx_d, cache.mask, dx);
-      gemm(Trans::No, Trans::No, n, in, out, T(1), dy.data(), weight_.value.data(), T(1), dx.data());
+      gemm(Trans::No, Trans::No, n, in, out, T(1), dy, weight_.value, T(1), dx);
     } else {
-      gemm(Trans::No, Trans::No, n, in, out, T(1), dy.data(), weight_.value.data(), T(0), dx.data());
-      gemm(Trans::No, Trans::No, n, in, r, s, cache.g.data(), lora.A.value.data(), T(1), dx.data());
+      gemm(Trans::No, Trans::No, n, in, out, T(1), dy, weight_.value, T(0), dx);
+      gemm(Trans::No, Trans::No, n, in, r, s, cache.g, lora.A.value, T(1), dx);
     }
     if (base_trainable())
       linear_backward(cache.x, weight_.value, dy, nullptr, weight_.trainable ? &weight_.grad : nullptr,
@@ -232,8 +240,8 @@ class LoRALinear {
   // W += sign * s * B A
   void fold(T sign) {
     Lora& lora = active();
-    gemm(Trans::No, Trans::No, config_.out, config_.in, lora.config.rank, sign * T(lora.scale), lora.B.value.data(),
-         lora.A.value.data(), T(1), weight_.value.data());
+    gemm(Trans::No, Trans::No, config_.out, config_.in, lora.config.rank, sign * T(lora.scale), lora.B.value,
+         lora.A.value, T(1), weight_.value);
   }
 
   Config config_;

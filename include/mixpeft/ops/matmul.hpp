@@ -1,6 +1,9 @@
 // mixpeft/ops/matmul.hpp — GEMM on row-major matrices (Eigen) and the linear op.
 //
 //   gemm:             C[M, N] = alpha * op(A) op(B) + beta * C,  op(X) = X or X^T
+//                     on raw row-major storage, or on whole tensors holding exactly M*K, K*N and M*N elements
+//                     (the tensor form has the signature of the CUDA gemm in cuda/matmul.cuh, so layers call
+//                     it unqualified on either backend; on the CPU it checks the counts and forwards)
 //   linear_forward:   y[..., out] = x[..., in] W[out, in]^T (+ b[out])
 //   linear_backward:  dx[..., in] = dy W           (written;     skipped when dx is null)
 //                     dW[out, in] += dy^T x        (accumulated; skipped when dW is null: frozen weight)
@@ -36,6 +39,29 @@ void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, T alp
   else if (ta == Trans::No) run(A, B.transpose());
   else if (tb == Trans::No) run(A.transpose(), B);
   else run(A.transpose(), B.transpose());
+}
+
+// C[m, n] = alpha * op(A) op(B) + beta * C on whole tensors holding exactly m*k, k*n and m*n elements (their
+// shapes are otherwise free: a [B, T, in] activation is the [B*T, in] matrix). C must not alias A or B.
+namespace detail {
+// The element counts of the tensor-level gemm's operands (shared by the CPU and CUDA versions).
+template <class A, class B, class C>
+void expect_gemm_sizes(const A& a, const B& b, const C& c, std::size_t m, std::size_t n, std::size_t k) {
+  constexpr std::string_view op = "gemm";
+  require<ShapeError>(a.size() == m * k, op, ": A has shape ", shape_string(a.shape()), ", expected ", m * k,
+                      " elements (M = ", m, ", K = ", k, ")");
+  require<ShapeError>(b.size() == k * n, op, ": B has shape ", shape_string(b.shape()), ", expected ", k * n,
+                      " elements (K = ", k, ", N = ", n, ")");
+  require<ShapeError>(c.size() == m * n, op, ": C has shape ", shape_string(c.shape()), ", expected ", m * n,
+                      " elements (M = ", m, ", N = ", n, ")");
+}
+}  // namespace detail
+
+template <class T>
+void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, std::type_identity_t<T> alpha,
+          const Tensor<T>& a, const Tensor<T>& b, std::type_identity_t<T> beta, Tensor<T>& c) {
+  detail::expect_gemm_sizes(a, b, c, m, n, k);
+  gemm(ta, tb, m, n, k, alpha, a.data(), b.data(), beta, c.data());
 }
 
 template <class T>
