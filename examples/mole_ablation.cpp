@@ -634,7 +634,7 @@ int main(int argc, char** argv) {
 
   CLI::App app{"LLaVA-MoLE ablations at toy scale: single-domain LoRA vs LoRA vs MoLE on three conflicting "
                "domains, a LoRA-rank sweep, an expert-count sweep and per-domain expert usage (SPEC 2.4)"};
-  app.add_flag("--quick", quick_flag, "the default settings (about 6 minutes on 2 busy cores once the backbones are cached)");
+  app.add_flag("--quick", quick_flag, "the default settings (4-6 minutes on 2 cores once the backbones are cached)");
   app.add_flag("--full", full_flag, "longer runs: 2x data, 3 seeds, wider sweeps (defaults below are --quick's)");
   app.add_option("--seed", s.seed, "base seed of data, alignment and tuning")->capture_default_str();
   app.add_option("--seeds", s.seeds, "repeat everything but the backbones with seed, seed + 1, ...")
