@@ -16,10 +16,12 @@
 #include "mixpeft/ops/dropout.hpp"
 #include "mixpeft/ops/elementwise.hpp"
 #include "mixpeft/ops/embedding.hpp"
+#include "mixpeft/ops/grouped_projection.hpp"
 #include "mixpeft/ops/layernorm.hpp"
 #include "mixpeft/ops/matmul.hpp"
 #include "mixpeft/ops/rmsnorm.hpp"
 #include "mixpeft/ops/rope.hpp"
+#include "mixpeft/ops/routed_mix.hpp"
 #include "mixpeft/ops/softmax.hpp"
 
 #include "mixpeft/layers/adapter.hpp"

@@ -20,10 +20,12 @@
 #include "mixpeft/cuda/elementwise.cuh"
 #include "mixpeft/cuda/embedding.cuh"
 #include "mixpeft/cuda/grouped_lora.cuh"
+#include "mixpeft/cuda/grouped_projection.cuh"
 #include "mixpeft/cuda/layernorm.cuh"
 #include "mixpeft/cuda/matmul.cuh"
 #include "mixpeft/cuda/rmsnorm.cuh"
 #include "mixpeft/cuda/rope.cuh"
+#include "mixpeft/cuda/routed_mix.cuh"
 #include "mixpeft/cuda/router.cuh"
 #include "mixpeft/cuda/softmax.cuh"
 

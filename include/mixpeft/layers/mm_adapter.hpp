@@ -10,24 +10,38 @@
 //              du_b = grouped^T(dy_b, E_b);  dz = dropout_backward(du)
 //              dA += dz^T x,  da += sum_rows dz,  dx = dy + dz A       (written)
 //              d route_tokens = router backward of dw                 (written; returned apart from dx)
-// grouped(.) is the grouped up-projection of adapter.hpp (h/g hidden units feed each d/g output slice); the
-// identity <dy, grouped(u, W)> = <W, grouped outer(dy, u)> gives the routing gradient from the small G_b.
+// grouped(.) is the grouped up-projection (ops/grouped_projection.hpp: h/g hidden units feed each d/g output
+// slice); the identity <dy, grouped(u, W)> = <W, grouped outer(dy, u)> gives the routing gradient from the small G_b.
 // Mixing the two up-projections into E_b first makes each sequence cost one grouped GEMM forward and two backward.
+// Ops: routed_mix_forward gives every E_b, e_b at once ([B, d, h/g], [B, d]), grouped_projection_forward with
+// those per-sequence weights gives out; backward runs grouped_projection_backward once (G_b and r_b for every
+// sequence into [B, d, h/g], [B, d], and du) and routed_mix_backward (dw and dB, db, dD, dd from G, r).
 // Parameter gradients accumulate and are skipped for frozen parameters.
-// Cache: the router's cache and the weights w, z (plus u and the dropout mask when dropout is on) and, while A or a is trainable, x.
+// Cache: the router's cache and the weights w, E and e (the mixed weights, kept for backward), z (plus u and the
+// dropout mask when dropout is on) and, while A or a is trainable, x; G, r, du, dz, dw are backward workspaces.
 //
 // Routing token: the caller passes route_tokens [B, d] explicitly, normally row 0 of each normed sequence (the
 // modality token, which no other token attends to). Its gradient comes back separately as `route_tokens` in
 // Grads; the caller adds it to row 0 of its own input gradient when the token is part of x.
-// The router (SoftRouter, 2 experts, temperature tau) is read on the host to mix the weights of each sequence.
+// The router is a SoftRouter (layers/router.hpp; 2 experts, temperature tau).
 // Init: A xavier_uniform, a = 0; B, D, b, d = 0 (a fresh block is exactly the identity); router as nn.Linear.
 // Parameter names follow LaVIN's RepAdapter_Router: "conv_A.{weight,bias}" ([h, d], [h]),
 // "conv_B.{weight,bias}", "conv_D.{weight,bias}" ([d, h/g], [d]), "expert_weights.{weight,bias}" ([2, d], [2]);
 // the Conv1d kernel axis of size 1 is squeezed.
 // Folding for inference: for one modality's routing weights w the block is affine, out = M x + c with
 //   M = I + s (w0 B_dense + w1 D_dense) A,  c = s ((w0 B_dense + w1 D_dense) a + w0 b + w1 d),
-// and fold_into_linear (adapter.hpp) merges it into each following projection (q, k, v).
+// and fold_into_linear (adapter.hpp) merges it into each following projection (q, k, v); fold(w) mixes E, e for
+// w with routed_mix_forward and expands them like Adapter::fold.
 // Shapes: B sequences, T tokens, d width, h hidden width, g groups.
+// Backends: device-generic. Every computation is an unqualified op call (the router's router_linear_forward /
+// _backward and softmax ops, linear_forward / linear_backward, routed_mix_forward / _backward,
+// grouped_projection_forward / _backward, dropout_forward / _backward, the tensor-level gemm, assign, set_zero),
+// so MMAdapter<T, Cuda> runs on cuda::DeviceTensor unchanged, and the routing weights never leave the device
+// (routed_mix reads them in its kernels; fold(w) takes them as a device tensor too). A and the router are
+// initialised on the host with the CPU layer's Rng draws and moved over with Backend::from_host, a, B, D, b, d
+// start as Backend::zeros, and the dropout Rng stays on the host (the CUDA dropout draws the CPU op's masks for
+// the same seed), so MMAdapter<T, Cuda> and MMAdapter<T, Cpu> built from Rng(s) hold the same weights and drop
+// the same hidden units.
 #pragma once
 
 #include <array>
@@ -43,30 +57,17 @@
 #include "mixpeft/layers/adapter.hpp"
 #include "mixpeft/layers/router.hpp"
 #include "mixpeft/ops/dropout.hpp"
+#include "mixpeft/ops/grouped_projection.hpp"
 #include "mixpeft/ops/matmul.hpp"
+#include "mixpeft/ops/routed_mix.hpp"
 
 namespace mixpeft {
-
-namespace detail {
-// y = alpha * x + beta * y over n contiguous entries (the small mixed weights and their gradients);
-// beta = 0 overwrites y without reading it.
-template <class T>
-void blend(std::size_t n, T alpha, const T* x, T beta, T* y) {
-  auto Y = matrix_view(y, 1, n);
-  if (beta == T(0)) Y = alpha * matrix_view(x, 1, n);
-  else Y = alpha * matrix_view(x, 1, n) + beta * Y;
-}
-// <x, y> over n contiguous entries.
-template <class T>
-T inner_product(std::size_t n, const T* x, const T* y) {
-  return matrix_view(x, 1, n).row(0).dot(matrix_view(y, 1, n).row(0));
-}
-}  // namespace detail
 
 template <class T, class Backend = Cpu>
 class MMAdapter {
  public:
   using Tensor = typename Backend::template tensor<T>;
+  using HostTensor = ::mixpeft::Tensor<T>;
   using Router = SoftRouter<T, Backend>;
   static constexpr std::size_t branches = 2;
 
@@ -86,10 +87,10 @@ class MMAdapter {
     Tensor z;           // [B, T, h]  x A^T + a
     Tensor u;           // [B, T, h]  dropout(z), when dropout is on
     Tensor mask;        // [B, T, h]  empty when dropout is off
-    Tensor mixed;       // [d, h/g]   workspace: E_b
-    Tensor mixed_bias;  // [d]        workspace: e_b
-    Tensor outer;       // [d, h/g]   backward workspace: G_b
-    Tensor row_sum;     // [d]        backward workspace: r_b
+    Tensor mixed;       // [B, d, h/g]  E_b, one per sequence (routed_mix_forward)
+    Tensor mixed_bias;  // [B, d]       e_b
+    Tensor outer;       // [B, d, h/g]  backward workspace: G_b
+    Tensor row_sum;     // [B, d]       backward workspace: r_b
     Tensor du;          // [B, T, h]  backward workspace
     Tensor dz;          // [B, T, h]  backward workspace (dropout on)
     Tensor dweights;    // [B, 2]     backward workspace
@@ -105,37 +106,37 @@ class MMAdapter {
       : config_(validated(config)),
         router_({.in = config.dim, .experts = branches, .temperature = config.temperature, .bias = true}, rng) {
     const std::size_t d = config.dim, h = config.hidden;
-    Tensor A = empty<T>({h, d});
+    HostTensor A = empty<T>({h, d});
     init::xavier_uniform(A, rng);
-    A_ = Parameter<T, Backend>("conv_A.weight", std::move(A), true);
-    a_ = Parameter<T, Backend>("conv_A.bias", zeros<T>({h}), true, /*decay=*/false);
+    A_ = Parameter<T, Backend>("conv_A.weight", Backend::template from_host<T>(std::move(A)), true);
+    a_ = Parameter<T, Backend>("conv_A.bias", Backend::template zeros<T>(Shape{h}), true, /*decay=*/false);
     const char* names[branches] = {"conv_B", "conv_D"};
     for (std::size_t k = 0; k < branches; ++k) {
-      up_[k] = Parameter<T, Backend>(std::string(names[k]) + ".weight", zeros<T>({d, h / config.groups}), true);
-      up_bias_[k] = Parameter<T, Backend>(std::string(names[k]) + ".bias", zeros<T>({d}), true, /*decay=*/false);
+      up_[k] = Parameter<T, Backend>(std::string(names[k]) + ".weight",
+                                     Backend::template zeros<T>(Shape{d, h / config.groups}), true);
+      up_bias_[k] = Parameter<T, Backend>(std::string(names[k]) + ".bias", Backend::template zeros<T>(Shape{d}), true,
+                                          /*decay=*/false);
     }
     dropout_rng_ = rng.split();
   }
 
   // x [B, T, d], route_tokens [B, d] -> out [B, T, d].
   Tensor forward(const Tensor& x, const Tensor& route_tokens, Cache& cache) {
-    const std::size_t d = config_.dim, h = config_.hidden;
+    const std::size_t d = config_.dim;
     expect_shape("MMAdapter", "x", x, {any_extent, any_extent, d});
-    const std::size_t nb = x.shape()[0], nt = x.shape()[1];
+    const std::size_t nb = x.shape()[0];
     expect_shape("MMAdapter", "route_tokens", route_tokens, {nb, d});
     cache.weights = router_.forward(route_tokens, cache.router);
     linear_forward(x, A_.value, &a_.value, cache.z);
     const bool drop = training_ && config_.dropout > 0;
     if (drop) dropout_forward(cache.z, config_.dropout, true, dropout_rng_, cache.u, cache.mask);
     else resize_to(cache.mask, Shape{0});
-    if (A_.trainable || a_.trainable) cache.x = x;
-    const T* u = (drop ? cache.u : cache.z).data();
-    Tensor out = x;
-    for (std::size_t b = 0; b < nb; ++b) {
-      mix(cache, b);
-      detail::grouped_projection_forward(nt, h, d, config_.groups, T(1), u + b * nt * h, cache.mixed.data(),
-                                         cache.mixed_bias.data(), T(1), out.data() + b * nt * d);
-    }
+    if (A_.trainable || a_.trainable) assign(cache.x, x);
+    routed_mix_forward(cache.weights, T(config_.scale), up_values(), up_bias_values(), cache.mixed, cache.mixed_bias);
+    Tensor out;
+    assign(out, x);
+    grouped_projection_forward(drop ? cache.u : cache.z, cache.mixed, &cache.mixed_bias, config_.groups, T(1), T(1),
+                               out);
     return out;
   }
 
@@ -144,43 +145,24 @@ class MMAdapter {
     require<ShapeError>(cache.z.dimension() == 3, "MMAdapter: backward called before forward");
     const std::size_t nb = cache.z.shape()[0], nt = cache.z.shape()[1];
     expect_shape("MMAdapter", "dy", dy, {nb, nt, d});
-    const T s = T(config_.scale);
     const bool drop = cache.mask.size() > 0;
-    const T* u = (drop ? cache.u : cache.z).data();
-    const std::size_t wsize = d * (h / g);
-    resize_to(cache.outer, Shape{d, h / g});
-    resize_to(cache.row_sum, Shape{d});
-    resize_to(cache.du, shape_of(cache.z));
-    resize_to(cache.dweights, Shape{nb, branches});
-    for (std::size_t b = 0; b < nb; ++b) {
-      const T* dy_b = dy.data() + b * nt * d;
-      const T* u_b = u + b * nt * h;
-      set_zero(cache.outer);
-      set_zero(cache.row_sum);
-      detail::grouped_projection_backward_params(nt, h, d, g, T(1), dy_b, u_b, cache.outer.data(),
-                                                 cache.row_sum.data());
-      for (std::size_t k = 0; k < branches; ++k) {
-        Parameter<T, Backend>& W = up_[k];
-        Parameter<T, Backend>& c = up_bias_[k];
-        cache.dweights.data()[b * branches + k] =
-            s * (detail::inner_product(wsize, W.value.data(), cache.outer.data()) +
-                 detail::inner_product(d, c.value.data(), cache.row_sum.data()));
-        const T sw = s * cache.weights.data()[b * branches + k];
-        if (W.trainable) detail::blend(wsize, sw, cache.outer.data(), T(1), W.grad.data());
-        if (c.trainable) detail::blend(d, sw, cache.row_sum.data(), T(1), c.grad.data());
-      }
-      mix(cache, b);
-      detail::grouped_projection_backward_input(nt, h, d, g, T(1), dy_b, cache.mixed.data(), T(0),
-                                                cache.du.data() + b * nt * h);
-    }
+    // G_b and r_b for every sequence in one pass over dy, and du_b = grouped^T(dy_b, E_b).
+    resize_to(cache.outer, Shape{nb, d, h / g});
+    resize_to(cache.row_sum, Shape{nb, d});
+    set_zero(cache.outer);
+    set_zero(cache.row_sum);
+    grouped_projection_backward(dy, drop ? cache.u : cache.z, cache.mixed, g, T(1), &cache.du, &cache.outer,
+                                &cache.row_sum);
+    routed_mix_backward(cache.weights, T(config_.scale), up_values(), up_bias_values(), cache.outer, cache.row_sum,
+                        cache.dweights, up_grads(), up_bias_grads());
     if (drop) dropout_backward(cache.du, cache.mask, cache.dz);
     const Tensor& dz = drop ? cache.dz : cache.du;
     if (A_.trainable || a_.trainable)
       linear_backward(cache.x, A_.value, dz, nullptr, A_.trainable ? &A_.grad : nullptr,
                       a_.trainable ? &a_.grad : nullptr);
     Grads grads;
-    grads.x = dy;
-    gemm(Trans::No, Trans::No, nb * nt, d, h, T(1), dz.data(), A_.value.data(), T(1), grads.x.data());
+    assign(grads.x, dy);
+    gemm(Trans::No, Trans::No, nb * nt, d, h, T(1), dz, A_.value, T(1), grads.x);
     grads.route_tokens = router_.backward(cache.router, cache.dweights);
     return grads;
   }
@@ -197,10 +179,10 @@ class MMAdapter {
   AdapterFold<T, Backend> fold(const Tensor& w) const {
     require<ShapeError>(w.size() == branches && cols(w) == branches, "MMAdapter: routing weights have shape ",
                         shape_string(w.shape()), ", expected [2]");
-    return detail::fold_adapter<T, Backend, branches>(
-        config_.hidden, config_.dim, config_.groups, T(config_.scale), A_.value.data(), a_.value.data(),
-        {w.data()[0], w.data()[1]}, {up_[0].value.data(), up_[1].value.data()},
-        {up_bias_[0].value.data(), up_bias_[1].value.data()});
+    Tensor mixed, mixed_bias;  // [1, d, h/g], [1, d]: the routing weights stay on the backend
+    routed_mix_forward(w, T(config_.scale), up_values(), up_bias_values(), mixed, mixed_bias);
+    return detail::fold_adapter<T, Backend>(config_.hidden, config_.dim, config_.groups, T(1), A_.value, a_.value,
+                                            mixed, mixed_bias);
   }
 
   void collect_parameters(ParameterList<T, Backend>& list, const std::string& prefix) {
@@ -245,17 +227,14 @@ class MMAdapter {
     return c;
   }
 
-  // cache.mixed = E_b = s (w_b0 B + w_b1 D),  cache.mixed_bias = e_b = s (w_b0 b + w_b1 d).
-  void mix(Cache& cache, std::size_t b) const {
-    const std::size_t d = config_.dim, wsize = d * (config_.hidden / config_.groups);
-    resize_to(cache.mixed, shape_of(up_[0].value));
-    resize_to(cache.mixed_bias, Shape{d});
-    for (std::size_t k = 0; k < branches; ++k) {
-      const T sw = T(config_.scale) * cache.weights.data()[b * branches + k];
-      const T keep = k == 0 ? T(0) : T(1);
-      detail::blend(wsize, sw, up_[k].value.data(), keep, cache.mixed.data());
-      detail::blend(d, sw, up_bias_[k].value.data(), keep, cache.mixed_bias.data());
-    }
+  // The up-projections and their biases (and gradients, null while frozen) as the routed_mix ops take them.
+  std::array<const Tensor*, branches> up_values() const { return {&up_[0].value, &up_[1].value}; }
+  std::array<const Tensor*, branches> up_bias_values() const { return {&up_bias_[0].value, &up_bias_[1].value}; }
+  std::array<Tensor*, branches> up_grads() {
+    return {up_[0].trainable ? &up_[0].grad : nullptr, up_[1].trainable ? &up_[1].grad : nullptr};
+  }
+  std::array<Tensor*, branches> up_bias_grads() {
+    return {up_bias_[0].trainable ? &up_bias_[0].grad : nullptr, up_bias_[1].trainable ? &up_bias_[1].grad : nullptr};
   }
 
   Config config_;

@@ -273,13 +273,14 @@ struct RouterLinear {
     require<ConfigError>(experts > 0, layer, ": number of experts must be > 0 (got ", experts, ")");
     require<ConfigError>(temperature > 0 && std::isfinite(temperature), layer, ": temperature must be > 0 (got ",
                          temperature, ")");
-    Tensor w = empty<T>({experts, in});
+    // Initialised on the host, then handed to the backend: the same weights on every backend for one Rng.
+    ::mixpeft::Tensor<T> w = empty<T>({experts, in});
     init::kaiming_uniform(w, rng);
-    weight = Parameter<T, Backend>("weight", std::move(w), true);
+    weight = Parameter<T, Backend>("weight", Backend::template from_host<T>(std::move(w)), true);
     if (has_bias) {
-      Tensor b = empty<T>({experts});
+      ::mixpeft::Tensor<T> b = empty<T>({experts});
       init::linear_bias(b, rng, in);
-      bias = Parameter<T, Backend>("bias", std::move(b), true, /*decay=*/false);
+      bias = Parameter<T, Backend>("bias", Backend::template from_host<T>(std::move(b)), true, /*decay=*/false);
     }
   }
 
@@ -319,16 +320,22 @@ class SoftRouter {
     Tensor probs;   // [..., K]
   };
 
+  // Device-generic: the affine map (detail::RouterLinear: router_linear_forward / _backward, weights initialised on
+  // the host and handed over with Backend::from_host) and softmax_forward / _backward are unqualified op calls
+  // (cuda/router.cuh, cuda/softmax.cuh on the CUDA backend), so SoftRouter<T, Cuda> built from Rng(s) holds the
+  // weights of SoftRouter<T, Cpu>.
   SoftRouter(const Config& config, Rng& rng)
       : config_(config), linear_("SoftRouter", config.in, config.experts, config.temperature, config.bias, rng) {}
 
   // probs [..., K] from x [..., D].
   Tensor forward(const Tensor& x, Cache& cache) {
     expect_width("SoftRouter", "x", x, config_.in);
-    cache.x = x;
+    assign(cache.x, x);
     linear_.forward(x, cache.logits);
     softmax_forward(cache.logits, cache.probs);
-    return cache.probs;
+    Tensor probs;
+    assign(probs, cache.probs);
+    return probs;
   }
 
   // dprobs [..., K] -> dx [..., D]; weight and bias gradients accumulate.
