@@ -36,6 +36,7 @@
 
 #include "mixpeft/cuda/backend.cuh"
 #include "mixpeft/cuda/dropout.cuh"
+#include "bench_support.cuh"
 
 namespace mixpeft::cuda_bench {
 namespace {
@@ -45,24 +46,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr std::size_t width = 4096, ffn_width = 11008;
 
-// ---- device data ------------------------------------------------------------------------------------------
-
-// scale * uniform[-1, 1) from a counter hash: realistic bit patterns without a host round trip.
-template <class T>
-__global__ void fill_kernel(T* data, std::size_t n, std::uint64_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::size_t(gridDim.x) * blockDim.x)
-    data[i] = cuda::narrow<T>(scale * (float(mixpeft::detail::dropout_bits(seed, i) >> 8) * 0x1.0p-23f - 1.0f));
-}
-
-template <class T>
-DeviceTensor<T> random_device(const Shape& shape, std::uint64_t seed, float scale) {
-  DeviceTensor<T> t(shape);
-  if (t.size() == 0) return t;
-  fill_kernel<<<cuda::grid_size(t.size(), 256), 256, 0, cuda::current_stream()>>>(t.data(), t.size(), seed, scale);
-  cuda::check_launch("fill");
-  return t;
-}
+// ---- device data (random_device and EventTimer: bench_support.cuh) -----------------------------------------
 
 // x[i, e] = (e == i % K) ? 8 : 0 for e < K: the routing code in the first K features.
 __global__ void routing_code_kernel(bf16* x, std::size_t tokens, std::size_t cols, std::size_t experts) {
@@ -96,33 +80,6 @@ DeviceTensor<bf16> zeros(const Shape& shape) {
 }
 
 // ---- timing -----------------------------------------------------------------------------------------------
-
-class EventTimer {
- public:
-  EventTimer() {
-    MIXPEFT_CUDA_CHECK(cudaEventCreate(&start_));
-    MIXPEFT_CUDA_CHECK(cudaEventCreate(&stop_));
-  }
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-
-  void start() { MIXPEFT_CUDA_CHECK(cudaEventRecord(start_, cuda::current_stream())); }
-  // Seconds since start(), after the work enqueued in between has finished.
-  double stop() {
-    MIXPEFT_CUDA_CHECK(cudaEventRecord(stop_, cuda::current_stream()));
-    MIXPEFT_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0;
-    MIXPEFT_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    return double(ms) * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
 
 // Runs `step` twice untimed (plans, pool, clocks), then `reps` times per timed iteration; sets the counters.
 template <class Step>

@@ -11,6 +11,7 @@
 
 #include "mixpeft/cuda/backend.cuh"
 #include "mixpeft/cuda/dropout.cuh"
+#include "bench_support.cuh"
 
 namespace mixpeft::cuda_bench {
 namespace {
@@ -18,49 +19,6 @@ namespace {
 using cuda::DeviceTensor;
 
 constexpr std::size_t tokens = 4096, width = 4096, ffn_width = 11008;
-
-// Uniform values in [-1, 1) from a counter hash: realistic bit patterns without a host round trip.
-template <class T>
-__global__ void fill_kernel(T* data, std::size_t n, std::uint64_t seed) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::size_t(gridDim.x) * blockDim.x)
-    data[i] = cuda::narrow<T>(float(mixpeft::detail::dropout_bits(seed, i) >> 8) * 0x1.0p-23f - 1.0f);
-}
-
-template <class T>
-DeviceTensor<T> random_device(const Shape& shape, std::uint64_t seed) {
-  DeviceTensor<T> t(shape);
-  fill_kernel<<<cuda::grid_size(t.size(), 256), 256, 0, cuda::current_stream()>>>(t.data(), t.size(), seed);
-  cuda::check_launch("fill");
-  return t;
-}
-
-class EventTimer {
- public:
-  EventTimer() {
-    MIXPEFT_CUDA_CHECK(cudaEventCreate(&start_));
-    MIXPEFT_CUDA_CHECK(cudaEventCreate(&stop_));
-  }
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-
-  void start() { MIXPEFT_CUDA_CHECK(cudaEventRecord(start_, cuda::current_stream())); }
-  // Seconds since start(), after the work enqueued in between has finished.
-  double stop() {
-    MIXPEFT_CUDA_CHECK(cudaEventRecord(stop_, cuda::current_stream()));
-    MIXPEFT_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0;
-    MIXPEFT_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    return double(ms) * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
 
 // C[m, n] = op(A) op(B) (+ beta C) (+ bias), A stored [m, k] or [k, m], B stored [k, n] or [n, k].
 template <class T>
