@@ -70,4 +70,22 @@ inline ::testing::AssertionResult agrees(const Tensor<double>& got, const Tensor
                                        << mixpeft::testing::max_abs_diff(got, want) << ")";
 }
 
+// Exact equality of a device tensor with a host tensor (same shape, same bits).
+inline ::testing::AssertionResult same(const DeviceTensor<float>& dev, const Tensor<float>& host) {
+  const Tensor<float> got = cuda::download(dev);
+  if (mixpeft::shape_of(got) != mixpeft::shape_of(host))
+    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
+                                         << shape_string(host.shape());
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (got.data()[i] != host.data()[i])
+      return ::testing::AssertionFailure() << "element " << i << ": " << got.data()[i] << " vs " << host.data()[i];
+  return ::testing::AssertionSuccess();
+}
+
+// A device tensor against a host tensor within float's tolerance (or the one given).
+inline ::testing::AssertionResult close(const DeviceTensor<float>& dev, const Tensor<float>& host,
+                                        double tol = tolerance<float>) {
+  return agrees(get(dev), xt::cast<double>(host), tol);
+}
+
 }  // namespace mixpeft::cuda_test

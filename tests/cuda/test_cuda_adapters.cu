@@ -183,23 +183,6 @@ TEST_F(CudaTest, RoutedMixErrorsAreTyped) {
 
 // ---- the layers -----------------------------------------------------------------------------------------------
 
-constexpr double tol = tolerance<float>;
-
-::testing::AssertionResult same(const DeviceTensor<float>& dev, const Tensor<float>& host) {
-  const Tensor<float> got = cuda::download(dev);
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(host))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(host.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != host.data()[i])
-      return ::testing::AssertionFailure() << "element " << i << ": " << got.data()[i] << " vs " << host.data()[i];
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult close(const DeviceTensor<float>& dev, const Tensor<float>& host, double tolerance = tol) {
-  return agrees(get(dev), xt::cast<double>(host), tolerance);
-}
-
 // Every parameter of the two layers, paired by name.
 template <class CpuLayer, class GpuLayer>
 std::pair<ParameterList<float, Cpu>, ParameterList<float, Cuda>> params_of(CpuLayer& cpu, GpuLayer& gpu) {

@@ -21,26 +21,6 @@ using GpuLoRA = LoRALinear<float, Cuda>;
 using CpuLinear = Linear<float, Cpu>;
 using GpuLinear = Linear<float, Cuda>;
 
-constexpr double tol = tolerance<float>;
-
-Tensor<double> as_double(const Tensor<float>& t) { return xt::cast<double>(t); }
-
-// Exact equality of a device tensor with a host tensor (same shape, same bits).
-::testing::AssertionResult same(const DeviceTensor<float>& dev, const Tensor<float>& host) {
-  const Tensor<float> got = cuda::download(dev);
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(host))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(host.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != host.data()[i])
-      return ::testing::AssertionFailure() << "element " << i << ": " << got.data()[i] << " vs " << host.data()[i];
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult close(const DeviceTensor<float>& dev, const Tensor<float>& host, double tolerance = tol) {
-  return agrees(get(dev), as_double(host), tolerance);
-}
-
 struct Spec {
   std::size_t in = 96, out = 80;
   bool bias = true;
