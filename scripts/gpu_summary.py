@@ -5,6 +5,7 @@ Usage: gpu_summary.py DIR   reads DIR/bench_cuda_ops.json, DIR/bench_cuda_mole.j
                             DIR/torch_peer.json and DIR/torch_peer_compile.json (benchmarks/peers/mole_ffn_torch.py),
                             whichever exist, and prints one table per file plus the target ratios of DESIGN.md:
   ffn_mole / ffn_lora time                          <= 1.10 (MoLE costs what plain LoRA costs)
+  ffn_layer_mole / ffn_layer_lora time              <= 1.10 (the same through LoRAExperts<bf16, Cuda>)
   expert_gemm / dense_gemm_same_flops TFLOP/s       >= 0.90 at >= 1k tokens per expert
   PyTorch expert loop / ffn_mole time               > 1 (ours faster than the MixLoRA-style loop)
 Google Benchmark cases are read from their median aggregate when repetitions ran, else from the single run.
@@ -94,6 +95,12 @@ def main(argv):
             if ok(ours, name) and lora:
                 ratio = ours[name]["ms"] / lora["ms"]
                 lines.append((f"{name} / ffn_lora/{t}/{r} (time, <= 1.10)", ratio, ratio <= 1.10))
+        if parts[0] in ("ffn_layer_mole", "ffn_layer_mole_balance") and len(parts) == 4:
+            t, r, k = parts[1:]
+            lora = ok(ours, f"ffn_layer_lora/{t}/{r}")
+            if ok(ours, name) and lora:
+                ratio = ours[name]["ms"] / lora["ms"]
+                lines.append((f"{name} / ffn_layer_lora/{t}/{r} (the layers, time, <= 1.10)", ratio, ratio <= 1.10))
         if parts[0] == "ffn_lora" and len(parts) == 3:
             frozen = ok(ours, f"ffn_frozen/{parts[1]}")
             if ok(ours, name) and frozen:

@@ -361,3 +361,20 @@ TEST(Attention, BadShapesAndOptionsThrow) {
   Tensor<double> q_long = zeros<double>({2, 4, 8});
   EXPECT_THROW(attention_backward(q_long, k, v, cache, q_long, dq, dk, dv), ShapeError);  // cache from Tq = 3
 }
+
+TEST(Attention, AppendTokensGrowsEachSequence) {
+  Rng rng(40);
+  const Tensor<double> a = random_tensor<double>({2, 3, 4}, rng), b = random_tensor<double>({2, 2, 4}, rng);
+  Tensor<double> kv;
+  append_tokens(kv, a);  // empty cache: a copy
+  EXPECT_EQ(kv, a);
+  append_tokens(kv, b);
+  ASSERT_EQ(shape_of(kv), (Shape{2, 5, 4}));
+  for (std::size_t s = 0; s < 2; ++s)
+    for (std::size_t j = 0; j < 4; ++j) {
+      for (std::size_t t = 0; t < 3; ++t) EXPECT_EQ(kv(s, t, j), a(s, t, j));
+      for (std::size_t t = 0; t < 2; ++t) EXPECT_EQ(kv(s, 3 + t, j), b(s, t, j));
+    }
+  EXPECT_THROW(append_tokens(kv, random_tensor<double>({3, 1, 4}, rng)), ShapeError);
+  EXPECT_THROW(append_tokens(kv, random_tensor<double>({2, 1, 5}, rng)), ShapeError);
+}

@@ -213,7 +213,7 @@ TEST(Llama, PeftModulesAreNamedAndTheBaseIsFrozen) {
   std::vector<std::string> names;
   for (const auto& ref : parameters_of<double>(model)) names.push_back(ref.name);
   for (const char* n : {"model.layers.1.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.v_proj.lora_B.weight",
-                        "model.layers.0.mlp.gate_proj.lora_A.2.weight", "model.layers.0.mlp.router.weight",
+                        "model.layers.0.mlp.gate_proj.lora_A.weight", "model.layers.0.mlp.router.weight",
                         "model.layers.0.adapter_attn.conv_A.weight", "model.layers.0.adapter_attn.expert_weights.weight",
                         "model.layers.1.adapter_mlp.conv_D.bias"})
     EXPECT_TRUE(contains(names, n)) << n;

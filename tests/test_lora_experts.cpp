@@ -39,6 +39,12 @@ void randomise(Layer& layer, Rng& rng) {
   }
 }
 
+// Expert k's factor [r, in] or [out, r] of a stacked [K, ...] one (a 2-D factor is the only expert).
+Tensor<double> expert(const Tensor<double>& w, std::size_t k) {
+  if (w.dimension() == 2) return w;
+  return xt::view(w, k, xt::all(), xt::all());
+}
+
 double min_top1_gap(const Tensor<double>& p) {
   double gap = INFINITY;
   for (std::size_t i = 0; i < p.shape()[0]; ++i) {
@@ -87,9 +93,9 @@ void gradient_check(Layer& layer, const Make& make, Tensor<double>& x, bool bala
 
 // ---- a per-token reference: one LoRA'd projection on a single row, with ops ----
 struct TokenLoRA {
-  const Tensor<double>& W;
-  const Tensor<double>& A;
-  const Tensor<double>& B;
+  Tensor<double> W;
+  Tensor<double> A;
+  Tensor<double> B;
   double s, c;
 
   Tensor<double> forward(const Tensor<double>& x) const {
@@ -124,17 +130,18 @@ TEST(LoRAExperts, ParameterNamesShapesAndCounts) {
   std::vector<std::string> names;
   for (auto& ref : list) names.push_back(ref.name);
   const std::vector<std::string> expected_head = {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-                                                  "mlp.gate_proj.lora_A.0.weight", "mlp.gate_proj.lora_B.0.weight",
-                                                  "mlp.gate_proj.lora_A.1.weight"};
+                                                  "mlp.gate_proj.lora_A.weight", "mlp.gate_proj.lora_B.weight",
+                                                  "mlp.up_proj.lora_A.weight"};
   EXPECT_TRUE(std::equal(expected_head.begin(), expected_head.end(), names.begin()));
-  EXPECT_EQ(names[names.size() - 3], "mlp.down_proj.lora_B.2.weight");
+  EXPECT_EQ(names.size(), 11u);
+  EXPECT_EQ(names[names.size() - 3], "mlp.down_proj.lora_B.weight");
   EXPECT_EQ(names[names.size() - 2], "mlp.router.weight");
   EXPECT_EQ(names.back(), "mlp.router.bias");
   auto m = by_name(layer);
   EXPECT_FALSE(m["gate_proj.weight"]->trainable);
   EXPECT_EQ(shape_of(m["down_proj.weight"]->value), (Shape{D, F}));
-  EXPECT_EQ(shape_of(m["down_proj.lora_A.1.weight"]->value), (Shape{R, F}));
-  EXPECT_EQ(shape_of(m["down_proj.lora_B.1.weight"]->value), (Shape{D, R}));
+  EXPECT_EQ(shape_of(m["down_proj.lora_A.weight"]->value), (Shape{3, R, F}));
+  EXPECT_EQ(shape_of(m["down_proj.lora_B.weight"]->value), (Shape{3, D, R}));
   EXPECT_EQ(shape_of(m["router.weight"]->value), (Shape{3, D}));
   // 3 experts x (gate + up + down) x (r in + out r) + router (K D + K)
   EXPECT_EQ(count_parameters(list, true), 3 * 3 * (R * D + F * R) + 3 * D + 3);
@@ -143,7 +150,8 @@ TEST(LoRAExperts, ParameterNamesShapesAndCounts) {
   Layer single(small(1), rng);
   auto m1 = by_name(single);
   EXPECT_EQ(m1.count("router.weight"), 0u);
-  EXPECT_EQ(m1.count("gate_proj.lora_A.0.weight"), 1u);
+  EXPECT_EQ(shape_of(m1["gate_proj.lora_A.weight"]->value), (Shape{R, D}));  // one expert: PEFT's shapes
+  EXPECT_EQ(shape_of(m1["gate_proj.lora_B.weight"]->value), (Shape{F, R}));
   EXPECT_EQ(single.router(), nullptr);
 }
 
@@ -173,8 +181,8 @@ TEST(LoRAExperts, OneExpertIsPlainLoRAOnEachProjection) {
     LoRALinear<double> lin({.in = in, .out = out, .bias = false, .lora = {.rank = R, .alpha = 4.0, .dropout = 0.0}},
                            r0);
     lin.weight().value = m[proj + ".weight"]->value;
-    lin.lora_A().value = m[proj + ".lora_A.0.weight"]->value;
-    lin.lora_B().value = m[proj + ".lora_B.0.weight"]->value;
+    lin.lora_A().value = m[proj + ".lora_A.weight"]->value;
+    lin.lora_B().value = m[proj + ".lora_B.weight"]->value;
     EXPECT_DOUBLE_EQ(lin.scale(), s);
     return lin;
   };
@@ -192,9 +200,9 @@ TEST(LoRAExperts, OneExpertIsPlainLoRAOnEachProjection) {
   Layer::Cache cache;
   EXPECT_LT(max_abs_diff(layer.forward(x, cache), y_ref), 1e-12);
   EXPECT_LT(max_abs_diff(layer.backward(cache, dy), dx_ref), 1e-12);
-  EXPECT_LT(max_abs_diff(m["gate_proj.lora_A.0.weight"]->grad, gate.lora_A().grad), 1e-12);
-  EXPECT_LT(max_abs_diff(m["up_proj.lora_B.0.weight"]->grad, up.lora_B().grad), 1e-12);
-  EXPECT_LT(max_abs_diff(m["down_proj.lora_A.0.weight"]->grad, down.lora_A().grad), 1e-12);
+  EXPECT_LT(max_abs_diff(m["gate_proj.lora_A.weight"]->grad, gate.lora_A().grad), 1e-12);
+  EXPECT_LT(max_abs_diff(m["up_proj.lora_B.weight"]->grad, up.lora_B().grad), 1e-12);
+  EXPECT_LT(max_abs_diff(m["down_proj.lora_A.weight"]->grad, down.lora_A().grad), 1e-12);
   EXPECT_EQ(cache.router.routing.tokens(), 0u);  // no router, no routing
 }
 
@@ -217,9 +225,15 @@ TEST(LoRAExperts, GroupedForwardBackwardEqualsPerTokenLoop) {
     Tensor<double> logits, probs;
     linear_forward(x, m["router.weight"]->value, &m["router.bias"]->value, logits);
     softmax_forward(logits, probs);
-    std::map<std::string, Tensor<double>> grads;
-    for (auto& [name, p] : m)
-      if (p->trainable) grads[name] = zeros<double>(shape_of(p->value));
+    std::map<std::string, Tensor<double>> grads;  // stacked factors per expert, as "<name>.<k>"
+    for (auto& [name, p] : m) {
+      if (!p->trainable) continue;
+      if (p->value.dimension() == 3) {
+        for (std::size_t k = 0; k < 3; ++k) grads[name + "." + std::to_string(k)] = zeros<double>(shape_of(expert(p->value, k)));
+      } else {
+        grads[name] = zeros<double>(shape_of(p->value));
+      }
+    }
     Tensor<double> dprobs = zeros<double>({n, 3});
     std::vector<std::size_t> used(3, 0);
     for (std::size_t i = 0; i < n; ++i) {
@@ -230,9 +244,8 @@ TEST(LoRAExperts, GroupedForwardBackwardEqualsPerTokenLoop) {
       ++used[k];
       const double c = gate_scaling ? probs(i, k) : 1.0;
       auto lora = [&](const std::string& proj) {
-        const std::string e = std::to_string(k);
-        return TokenLoRA{m[proj + ".weight"]->value, m[proj + ".lora_A." + e + ".weight"]->value,
-                         m[proj + ".lora_B." + e + ".weight"]->value, s, c};
+        return TokenLoRA{m[proj + ".weight"]->value, expert(m[proj + ".lora_A.weight"]->value, k),
+                         expert(m[proj + ".lora_B.weight"]->value, k), s, c};
       };
       const TokenLoRA G = lora("gate_proj"), U = lora("up_proj"), Dn = lora("down_proj");
       const Tensor<double> h = G.forward(xi), u = U.forward(xi);
@@ -242,7 +255,7 @@ TEST(LoRAExperts, GroupedForwardBackwardEqualsPerTokenLoop) {
       for (std::size_t q = 0; q < D; ++q) EXPECT_NEAR(y(i, q), yi(0, q), 1e-12);
 
       auto g = [&](const std::string& proj, const char* ab) {
-        return &grads[proj + ".lora_" + ab + "." + std::to_string(k) + ".weight"];
+        return &grads[proj + ".lora_" + ab + ".weight." + std::to_string(k)];
       };
       double dc = 0;
       const Tensor<double> dz = Dn.backward(z, dyi, *g("down_proj", "A"), *g("down_proj", "B"), dc);
@@ -263,7 +276,15 @@ TEST(LoRAExperts, GroupedForwardBackwardEqualsPerTokenLoop) {
       }
     }
     EXPECT_GT(*std::min_element(used.begin(), used.end()), 0u);  // every expert saw tokens
-    for (auto& [name, gref] : grads) EXPECT_LT(max_abs_diff(m[name]->grad, gref), 1e-12) << name;
+    for (auto& [name, p] : m) {
+      if (!p->trainable) continue;
+      if (p->value.dimension() == 3) {
+        for (std::size_t k = 0; k < 3; ++k)
+          EXPECT_LT(max_abs_diff(expert(p->grad, k), grads[name + "." + std::to_string(k)]), 1e-12) << name << k;
+      } else {
+        EXPECT_LT(max_abs_diff(p->grad, grads[name]), 1e-12) << name;
+      }
+    }
   }
 }
 
@@ -320,8 +341,9 @@ TEST(LoRAExperts, ExpertWithNoTokensDoesNoWork) {
   gradient_check(layer, make, x, false, "empty expert");
   auto m = by_name(layer);
   for (const char* p : {"gate_proj", "up_proj", "down_proj"}) {
-    EXPECT_EQ(xt::amax(xt::abs(m[std::string(p) + ".lora_A.1.weight"]->grad))(), 0.0);
-    EXPECT_EQ(xt::amax(xt::abs(m[std::string(p) + ".lora_B.1.weight"]->grad))(), 0.0);
+    EXPECT_EQ(xt::amax(xt::abs(expert(m[std::string(p) + ".lora_A.weight"]->grad, 1)))(), 0.0);
+    EXPECT_EQ(xt::amax(xt::abs(expert(m[std::string(p) + ".lora_B.weight"]->grad, 1)))(), 0.0);
+    EXPECT_GT(xt::amax(xt::abs(expert(m[std::string(p) + ".lora_B.weight"]->grad, 0)))(), 0.0);
   }
 }
 
@@ -418,8 +440,8 @@ TEST(LoRAExperts, DenseEqualsWeightedSumOfExperts) {
     linear_forward(in, m[name + ".weight"]->value, nullptr, out);
     for (std::size_t k = 0; k < 2; ++k) {
       Tensor<double> t, d;
-      linear_forward(in, m[name + ".lora_A." + std::to_string(k) + ".weight"]->value, nullptr, t);
-      linear_forward(t, m[name + ".lora_B." + std::to_string(k) + ".weight"]->value, nullptr, d);
+      linear_forward(in, expert(m[name + ".lora_A.weight"]->value, k), nullptr, t);
+      linear_forward(t, expert(m[name + ".lora_B.weight"]->value, k), nullptr, d);
       for (std::size_t i = 0; i < rows(in); ++i) xt::view(out, i, xt::all()) += s * p(i, k) * xt::view(d, i, xt::all());
     }
     return out;
@@ -434,8 +456,8 @@ TEST(LoRAExperts, FrozenPartsGetNoGradientAndTrainableBaseDoes) {
   Layer layer(small(2), rng);
   randomise(layer, rng);
   auto m = by_name(layer);
-  m["gate_proj.lora_A.0.weight"]->set_trainable(false);
-  m["down_proj.lora_B.1.weight"]->set_trainable(false);
+  m["gate_proj.lora_A.weight"]->set_trainable(false);
+  m["down_proj.lora_B.weight"]->set_trainable(false);
   m["up_proj.weight"]->set_trainable(true);
   auto make = [] {
     Rng r(12);
@@ -443,7 +465,8 @@ TEST(LoRAExperts, FrozenPartsGetNoGradientAndTrainableBaseDoes) {
   };
   Tensor<double> x = random_tensor<double>({8, D}, rng);
   gradient_check(layer, make, x, false, "partly frozen");
-  EXPECT_EQ(m["gate_proj.lora_A.0.weight"]->grad.size(), 0u);
+  EXPECT_EQ(m["gate_proj.lora_A.weight"]->grad.size(), 0u);
+  EXPECT_EQ(m["down_proj.lora_B.weight"]->grad.size(), 0u);
   EXPECT_EQ(m["gate_proj.weight"]->grad.size(), 0u);
 }
 
@@ -512,73 +535,3 @@ TEST(LoRAExperts, BadConfigAndShapesAreTyped) {
   EXPECT_THROW(layer.backward(cache, zeros<double>({4, D}), wrong), ShapeError);
 }
 
-TEST(GroupedOps, BlocksMatchPerBlockLinearAndCheckOffsets) {
-  Rng rng(16);
-  Tensor<double> x = random_tensor<double>({6, 3}, rng), W0 = random_tensor<double>({2, 3}, rng),
-                 W1 = random_tensor<double>({2, 3}, rng), y;
-  Tensor<std::int32_t> offsets = {0, 4, 4, 6};  // block 1 is empty
-  std::vector<const Tensor<double>*> W = {&W0, &W0, &W1};
-  grouped_linear_forward(x, W, offsets, 2.0, false, y);
-  for (std::size_t i = 0; i < 6; ++i)
-    for (std::size_t o = 0; o < 2; ++o) {
-      const Tensor<double>& w = i < 4 ? W0 : W1;
-      double ref = 0;
-      for (std::size_t q = 0; q < 3; ++q) ref += x(i, q) * w(o, q);
-      EXPECT_NEAR(y(i, o), 2 * ref, 1e-12);
-    }
-  Tensor<std::int32_t> bad = {0, 4, 3, 6};
-  EXPECT_THROW(grouped_linear_forward(x, W, bad, 1.0, false, y), ShapeError);
-  Tensor<std::int32_t> short_offsets = {0, 6};
-  EXPECT_THROW(grouped_linear_forward(x, W, short_offsets, 1.0, false, y), ShapeError);
-}
-
-TEST(GroupedOps, ThreadedSlicesMatchNaiveLoops) {
-  // Large enough for several threads; uneven blocks, one empty, slices cutting through blocks.
-  Rng rng(17);
-  const std::size_t m = 97, in = 40, out = 56;
-  Tensor<double> x = random_tensor<double>({m, in}, rng), dy = random_tensor<double>({m, out}, rng);
-  std::vector<Tensor<double>> Ws, dWs;
-  for (int g = 0; g < 4; ++g) {
-    Ws.push_back(random_tensor<double>({out, in}, rng));
-    dWs.push_back(zeros<double>({out, in}));
-  }
-  Tensor<std::int32_t> offsets = {0, 30, 30, 81, 97};
-  std::vector<const Tensor<double>*> W;
-  std::vector<Tensor<double>*> dW;
-  for (int g = 0; g < 4; ++g) W.push_back(&Ws[g]), dW.push_back(&dWs[g]);
-  dW[1] = nullptr;  // frozen (and empty anyway)
-
-  Tensor<double> y, dx = random_tensor<double>({m, in}, rng);
-  const Tensor<double> dx0 = dx;
-  grouped_linear_forward(x, W, offsets, 0.5, false, y);
-  grouped_linear_backward(x, W, dy, offsets, 0.5, &dx, true, dW);
-  for (std::size_t g = 0; g < 4; ++g) {
-    for (std::size_t i = std::size_t(offsets(g)); i < std::size_t(offsets(g + 1)); ++i) {
-      for (std::size_t o = 0; o < out; ++o) {
-        double ref = 0;
-        for (std::size_t q = 0; q < in; ++q) ref += x(i, q) * Ws[g](o, q);
-        EXPECT_NEAR(y(i, o), 0.5 * ref, 1e-12);
-      }
-      for (std::size_t q = 0; q < in; ++q) {
-        double ref = 0;
-        for (std::size_t o = 0; o < out; ++o) ref += dy(i, o) * Ws[g](o, q);
-        EXPECT_NEAR(dx(i, q), dx0(i, q) + 0.5 * ref, 1e-12);
-      }
-    }
-    if (g == 1) continue;
-    for (std::size_t o = 0; o < out; ++o)
-      for (std::size_t q = 0; q < in; ++q) {
-        double ref = 0;
-        for (std::size_t i = std::size_t(offsets(g)); i < std::size_t(offsets(g + 1)); ++i) ref += dy(i, o) * x(i, q);
-        EXPECT_NEAR(dWs[g](o, q), 0.5 * ref, 1e-12);
-      }
-  }
-  // The narrow-output case splits dW by columns instead.
-  Tensor<double> Wn = random_tensor<double>({3, in}, rng), dWn = zeros<double>({3, in}), dyn = random_tensor<double>({m, 3}, rng);
-  std::vector<const Tensor<double>*> Wv = {&Wn};
-  std::vector<Tensor<double>*> dWv = {&dWn};
-  grouped_linear_backward(x, Wv, dyn, Tensor<std::int32_t>(Shape{0}), 1.0, nullptr, false, dWv);
-  Tensor<double> ref = zeros<double>({3, in});
-  linear_backward(x, Wn, dyn, nullptr, &ref, nullptr);
-  EXPECT_LT(max_abs_diff(dWn, ref), 1e-12);
-}

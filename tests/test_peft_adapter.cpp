@@ -258,7 +258,7 @@ TEST_F(PeftAdapter, MoleExpertsNeedRankPatternAndLoadBack) {
   PeftLoraConfig cfg = peft_lora_config(peft.lora);
   cfg.extra = {{"num_experts", 2}};
   expect_error<ConfigError>([&] { export_peft_adapter(path("a"), parameters_of<float>(trained), cfg); },
-                            "\"model.layers.0.mlp.gate_proj.lora_A.0.weight\" has shape [2, 16] (rank 2)");
+                            "\"model.layers.0.mlp.gate_proj.lora_A.weight\" has shape [2, 2, 16] (rank 2)");
   EXPECT_FALSE(fs::exists(path("a")));
   for (const char* m : {"gate_proj", "up_proj", "down_proj"}) {
     cfg.rank_pattern[m] = 2;
@@ -268,7 +268,7 @@ TEST_F(PeftAdapter, MoleExpertsNeedRankPatternAndLoadBack) {
   EXPECT_EQ(written.target_modules,
             (std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}));
   const SafetensorsFile weights(path("a") / "adapter_model.safetensors");
-  EXPECT_TRUE(weights.contains("base_model.model.model.layers.1.mlp.down_proj.lora_B.1.weight"));
+  EXPECT_TRUE(weights.contains("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
   EXPECT_TRUE(weights.contains("base_model.model.model.layers.1.mlp.router.weight"));
   const auto j = read_json(path("a") / "adapter_config.json");
   EXPECT_EQ(j["rank_pattern"], nlohmann::json({{"down_proj", 2}, {"gate_proj", 2}, {"up_proj", 2}}));

@@ -11,6 +11,12 @@
 //                           gather_rows(dy), grouped expand_backward / grad_B / grad_A / shrink_backward per
 //                           projection, base input gradients, scatter_add_rows(dx). No gate scaling (the reference
 //                           default), so the router gets no gradient (its balance loss is not on the device yet).
+//   ffn_layer_lora/T/r      the library's layer: LoRAExperts<bf16, Cuda> with one expert (a plain LoRA FFN, PEFT
+//                           dropout 0.05 on each LoRA input), forward + backward, caches reused across steps
+//   ffn_layer_mole/T/r/K    LoRAExperts<bf16, Cuda> with K experts and its top-1 router (dropout 0.05), the same
+//                           uniform routing code; ffn_layer_mole_balance adds the MoLE balance loss (forward and
+//                           backward, BalanceLoss<bf16, Cuda>: one stream sync per step for its tallies) and so the
+//                           router's backward
 //   expert_gemm/T/r/K       only the 18 grouped LoRA launches of that step (6 per projection), on ready inputs with
 //                           uniform expert blocks of T/K rows
 //   dense_gemm_same_flops/T/r   the same 18 LoRA GEMMs as dense cuBLASLt calls over all T rows (one adapter):
@@ -36,6 +42,8 @@
 
 #include "mixpeft/cuda/backend.cuh"
 #include "mixpeft/cuda/dropout.cuh"
+#include "mixpeft/layers/balance_loss.hpp"
+#include "mixpeft/layers/lora_experts.hpp"
 #include "bench_support.cuh"
 
 namespace mixpeft::cuda_bench {
@@ -320,6 +328,55 @@ void ffn_mole(benchmark::State& state, std::size_t tokens, std::size_t rank, std
   run_timed(state, step, 1, base_flops(tokens) + ffn_lora_flops(tokens, rank), tokens);
 }
 
+// ---- the layer ------------------------------------------------------------------------------------------------
+
+void ffn_layer(benchmark::State& state, std::size_t tokens, std::size_t rank, std::size_t experts, bool balance) {
+  if (no_device(state)) return;
+  using Layer = LoRAExperts<bf16, Cuda>;
+  Rng rng(71);
+  Layer layer({.dim = width, .hidden = ffn_width, .experts = experts, .rank = rank, .alpha = 2.0 * double(rank),
+               .dropout = 0.05},
+              rng);
+  DeviceTensor<bf16> x = random_device<bf16>({tokens, width}, 72, 1.0f);
+  const DeviceTensor<bf16> dy = random_device<bf16>({tokens, width}, 73, 1.0f);
+  if (experts > 1) {
+    routing_code_kernel<<<cuda::grid_size(tokens * experts, 256), 256, 0, cuda::current_stream()>>>(
+        x.data(), tokens, width, experts);
+    cuda::check_launch("routing code");
+    DeviceTensor<bf16>& w = layer.router()->weight().value;
+    identity_router_kernel<<<cuda::grid_size(w.size(), 256), 256, 0, cuda::current_stream()>>>(w.data(), experts,
+                                                                                              width);
+    cuda::check_launch("router weight");
+    cuda::set_zero(layer.router()->bias().value);
+  }
+  const BalanceLoss<bf16, Cuda> loss({.kind = BalanceKind::MoLE, .weight = 1e-2});
+  const BalanceTokens<bf16, Cuda> all_tokens;
+  Layer::Cache cache;
+  RouterGrad<bf16, Cuda> grad;
+  const auto step = [&] {
+    const DeviceTensor<bf16> y = layer.forward(x, cache);
+    grad.clear();
+    if (balance) {
+      const RoutingResult<bf16, Cuda>* routing[] = {&cache.router.routing};
+      RouterGrad<bf16, Cuda>* grads[] = {&grad};
+      benchmark::DoNotOptimize(loss.forward(routing, all_tokens));
+      loss.backward(routing, all_tokens, grads);
+    }
+    const DeviceTensor<bf16> dx = layer.backward(cache, dy, grad);
+  };
+  step();
+  if (experts > 1) {
+    const Tensor<std::int32_t> got = cuda::download(cache.router.routing.counts);
+    for (std::size_t e = 0; e < experts; ++e)
+      if (std::size_t(got(e)) != tokens / experts + (e < tokens % experts ? 1 : 0)) {
+        state.SkipWithError("routing is not uniform");
+        return;
+      }
+    cuda::check_routing_errors();
+  }
+  run_timed(state, step, 1, base_flops(tokens) + ffn_lora_flops(tokens, rank), tokens);
+}
+
 // ---- the expert GEMMs alone, and their dense counterparts ------------------------------------------------------
 
 // Inputs and outputs of the LoRA GEMMs of the three projections (the activations they read are random).
@@ -471,6 +528,10 @@ void register_all() {
     add(join({"ffn_lora", str(t), str(r)}), [=](benchmark::State& s) { ffn_lora(s, t, r); });
     for (std::size_t k : {4, 8})
       add(join({"ffn_mole", str(t), str(r), str(k)}), [=](benchmark::State& s) { ffn_mole(s, t, r, k); });
+    add(join({"ffn_layer_lora", str(t), str(r)}), [=](benchmark::State& s) { ffn_layer(s, t, r, 1, false); });
+    add(join({"ffn_layer_mole", str(t), str(r), "4"}), [=](benchmark::State& s) { ffn_layer(s, t, r, 4, false); });
+    add(join({"ffn_layer_mole_balance", str(t), str(r), "4"}),
+        [=](benchmark::State& s) { ffn_layer(s, t, r, 4, true); });
   }
   for (std::size_t t : {4096, 1024, 8192}) {
     add(join({"dense_gemm_same_flops", str(t), str(r)}), [=](benchmark::State& s) { dense_gemm_same_flops(s, t, r); });

@@ -7,10 +7,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <utility>
 
+#include "mixpeft/core/parameter.hpp"
 #include "mixpeft/core/rng.hpp"
 #include "mixpeft/core/tensor.hpp"
+#include "mixpeft/cuda/backend.cuh"
 #include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/testing/gradcheck.hpp"
 
@@ -86,6 +89,30 @@ inline ::testing::AssertionResult same(const DeviceTensor<float>& dev, const Ten
 inline ::testing::AssertionResult close(const DeviceTensor<float>& dev, const Tensor<float>& host,
                                         double tol = tolerance<float>) {
   return agrees(get(dev), xt::cast<double>(host), tol);
+}
+
+// Exact equality of id tensors (routing choices, counts, offsets, permutations), on the host or the device.
+inline ::testing::AssertionResult same_ids(const Tensor<std::int32_t>& got, const Tensor<std::int32_t>& want) {
+  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
+    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
+                                         << shape_string(want.shape());
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (got.data()[i] != want.data()[i])
+      return ::testing::AssertionFailure() << "entry " << i << ": " << got.data()[i] << " vs " << want.data()[i];
+  return ::testing::AssertionSuccess();
+}
+inline ::testing::AssertionResult same_ids(const DeviceTensor<std::int32_t>& got, const Tensor<std::int32_t>& want) {
+  return same_ids(cuda::download(got), want);
+}
+
+// Copies the values of a CPU layer's parameters into its device twin (same names, same order).
+template <class T>
+void mirror_parameters(const ParameterList<T, Cpu>& cpu, const ParameterList<T, Cuda>& gpu) {
+  ASSERT_EQ(cpu.size(), gpu.size());
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    ASSERT_EQ(cpu[i].name, gpu[i].name);
+    gpu[i].param->value = cuda::upload(cpu[i].param->value);
+  }
 }
 
 }  // namespace mixpeft::cuda_test

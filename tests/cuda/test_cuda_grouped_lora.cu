@@ -3,7 +3,7 @@
 // the gate dot), shrink_backward, and the per-expert weight gradients, for float, double and bf16, over empty
 // experts (first, middle, last), uneven blocks, M not a multiple of any tile, r = 8, 32 and wider, aligned
 // (16-byte vector loads) and unaligned (element loads) row pitches, with and without split-K. Plus bf16 inputs
-// with fp32 outputs, no rows at all, agreement with the CPU grouped ops of layers/lora_experts.hpp, and typed
+// with fp32 outputs, no rows at all, agreement with the CPU ops of ops/grouped_lora.hpp, and typed
 // shape errors. Every test skips when no CUDA device is present.
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "mixpeft/cuda/grouped_lora.cuh"
-#include "mixpeft/layers/lora_experts.hpp"
+#include "mixpeft/ops/grouped_lora.hpp"
 #include "cuda_test_support.cuh"
 
 namespace mixpeft::cuda_test {
@@ -355,8 +355,8 @@ TEST_F(CudaTest, GroupedLoraBf16InputsWithFloatOutputs) {
                      tolerance<__nv_bfloat16>));
 }
 
-// The device ops compose to what ExpertLoRA runs on the CPU (grouped_linear_* and scale_rows_* of
-// layers/lora_experts.hpp), forward and backward, with Switch-style gates.
+// Every device op against the CPU op of the same name (ops/grouped_lora.hpp) on the same inputs, forward and
+// backward, with Switch-style gates, plus 2-D weights as one expert over one_block_offsets.
 TEST_F(CudaTest, GroupedLoraMatchesTheCpuGroupedOps) {
   Rng rng(107);
   const Blocks b({40, 0, 75, 13});
@@ -367,34 +367,18 @@ TEST_F(CudaTest, GroupedLoraMatchesTheCpuGroupedOps) {
   auto B = random_on_device<double>({K, out, r}, rng);
   auto dy = random_on_device<double>({m, out}, rng);
   auto g = random_on_device<double>({m, 1}, rng);
-
-  // CPU: per-expert weight tensors, the ExpertLoRA sequence.
   Tensor<std::int32_t> offsets = empty<std::int32_t>({K + 1});
   std::copy(b.offsets.begin(), b.offsets.end(), offsets.data());
-  std::vector<Tensor<double>> As, Bs, dAs, dBs;
-  for (std::size_t e = 0; e < K; ++e) {
-    As.push_back(slab(A.host, e));
-    Bs.push_back(slab(B.host, e));
-    dAs.push_back(zeros<double>({r, in}));
-    dBs.push_back(zeros<double>({out, r}));
-  }
-  std::vector<const Tensor<double>*> a_ptr, b_ptr;
-  std::vector<Tensor<double>*> da_ptr, db_ptr;
-  for (std::size_t e = 0; e < K; ++e) {
-    a_ptr.push_back(&As[e]), b_ptr.push_back(&Bs[e]);
-    da_ptr.push_back(&dAs[e]), db_ptr.push_back(&dBs[e]);
-  }
-  Tensor<double> h, hc, y_cpu, dhc, dh, dx_cpu, dg_cpu = zeros<double>({m, 1});
-  grouped_linear_forward(x.host, std::span<const Tensor<double>* const>(a_ptr), offsets, 1.0, false, h);
-  scale_rows_forward(h, g.host, hc);
-  grouped_linear_forward(hc, std::span<const Tensor<double>* const>(b_ptr), offsets, s, false, y_cpu);
-  grouped_linear_backward(hc, std::span<const Tensor<double>* const>(b_ptr), dy.host, offsets, s, &dhc, false,
-                          std::span<Tensor<double>* const>(db_ptr));
-  scale_rows_backward(h, g.host, dhc, dh, &dg_cpu);
-  grouped_linear_backward(x.host, std::span<const Tensor<double>* const>(a_ptr), dh, offsets, 1.0, &dx_cpu, false,
-                          std::span<Tensor<double>* const>(da_ptr));
 
-  // Device: stacked weights, gates folded into the epilogues.
+  Tensor<double> t_cpu, y_cpu, dt_cpu, dx_cpu, dg_cpu = zeros<double>({m, 1}), dA_cpu = zeros<double>({K, r, in}),
+                 dB_cpu = zeros<double>({K, out, r});
+  grouped_lora_shrink(x.host, A.host, offsets, t_cpu);
+  grouped_lora_expand(t_cpu, B.host, offsets, s, &g.host, false, y_cpu);
+  grouped_lora_expand_backward(dy.host, B.host, offsets, s, &g.host, dt_cpu, &t_cpu, &dg_cpu);
+  grouped_lora_grad_B(dy.host, t_cpu, offsets, s, &g.host, dB_cpu);
+  grouped_lora_grad_A(dt_cpu, x.host, offsets, dA_cpu);
+  grouped_lora_shrink_backward(dt_cpu, A.host, offsets, false, dx_cpu);
+
   DeviceTensor<double> t, y, dt, dx, dA(Shape{K, r, in}), dB(Shape{K, out, r}), dg(Shape{m, 1});
   set_zero(dA);
   set_zero(dB);
@@ -406,16 +390,29 @@ TEST_F(CudaTest, GroupedLoraMatchesTheCpuGroupedOps) {
   cuda::grouped_lora_grad_A(dt, x.dev, b.dev, dA);
   cuda::grouped_lora_shrink_backward(dt, A.dev, b.dev, false, dx);
 
-  EXPECT_TRUE(agrees(get(t), h, tolerance<double>));
+  EXPECT_TRUE(agrees(get(t), t_cpu, tolerance<double>));
   EXPECT_TRUE(agrees(get(y), y_cpu, tolerance<double>));
-  EXPECT_TRUE(agrees(get(dt), dh, tolerance<double>));
+  EXPECT_TRUE(agrees(get(dt), dt_cpu, tolerance<double>));
   EXPECT_TRUE(agrees(get(dg), dg_cpu, tolerance<double>));
   EXPECT_TRUE(agrees(get(dx), dx_cpu, tolerance<double>));
-  const Tensor<double> got_dA = get(dA), got_dB = get(dB);
-  for (std::size_t e = 0; e < K; ++e) {
-    EXPECT_TRUE(agrees(slab(got_dA, e), dAs[e], tolerance<double>)) << "dA expert " << e;
-    EXPECT_TRUE(agrees(slab(got_dB, e), dBs[e], tolerance<double>)) << "dB expert " << e;
-  }
+  EXPECT_TRUE(agrees(get(dA), dA_cpu, tolerance<double>));
+  EXPECT_TRUE(agrees(get(dB), dB_cpu, tolerance<double>));
+
+  // One expert with PEFT-shaped (2-D) factors.
+  DeviceTensor<std::int32_t> one_dev;
+  Tensor<std::int32_t> one;
+  cuda::one_block_offsets(m, one_dev);
+  one_block_offsets(m, one);
+  EXPECT_EQ(cuda::download(one_dev), one);
+  const Tensor<double> a0 = slab(A.host, 0), b0 = slab(B.host, 0);
+  const DeviceTensor<double> a0_dev = cuda::upload(a0), b0_dev = cuda::upload(b0);
+  Tensor<double> t1, y1;
+  grouped_lora_shrink(x.host, a0, one, t1);
+  grouped_lora_expand(t1, b0, one, s, nullptr, false, y1);
+  DeviceTensor<double> t1_dev, y1_dev;
+  cuda::grouped_lora_shrink(x.dev, a0_dev, one_dev, t1_dev);
+  cuda::grouped_lora_expand(t1_dev, b0_dev, one_dev, s, nullptr, false, y1_dev);
+  EXPECT_TRUE(agrees(get(y1_dev), y1, tolerance<double>));
 }
 
 TEST_F(CudaTest, GroupedLoraShapeErrorsAreTyped) {

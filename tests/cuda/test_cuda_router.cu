@@ -28,16 +28,6 @@ class CudaRouterTest : public CudaTest {};
 using RouterTypes = ::testing::Types<float, double, __nv_bfloat16>;
 TYPED_TEST_SUITE(CudaRouterTest, RouterTypes);
 
-::testing::AssertionResult same_ids(const Tensor<std::int32_t>& got, const Tensor<std::int32_t>& want) {
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(want.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != want.data()[i])
-      return ::testing::AssertionFailure() << "entry " << i << ": " << got.data()[i] << " vs " << want.data()[i];
-  return ::testing::AssertionSuccess();
-}
-
 ::testing::AssertionResult bit_equal(const Tensor<double>& got, const Tensor<double>& want) {
   if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
     return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "

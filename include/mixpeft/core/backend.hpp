@@ -12,16 +12,41 @@
 //   Backend::template from_host<T>(Tensor<T> host)   the backend's tensor with host's shape and values
 //                                                    (Cpu: host itself, moved; Cuda: an upload)
 //   Backend::template zeros<T>(shape)                a zero tensor of the backend's type
+// A layer draws its weights on the host in accumulator_t<T> (T itself for float and double; float for the CUDA
+// backend's 16-bit types, which specialise `accumulator`), so from_host may also round them once to T.
 #pragma once
 
 #include "mixpeft/core/tensor.hpp"
 
 namespace mixpeft {
 
-// The CPU backend: xtensor storage, Eigen GEMMs, OpenMP threads.
+// The arithmetic type of a storage type T.
+template <class T>
+struct accumulator {
+  using type = T;
+};
+template <class T>
+using accumulator_t = typename accumulator<T>::type;
+
+template <class T>
+struct AttentionCache;  // ops/attention.hpp
+template <class T>
+struct CrossEntropyCache;  // ops/cross_entropy.hpp
+template <class T>
+struct RopeTable;  // ops/rope.hpp
+
+// The CPU backend: xtensor storage, Eigen GEMMs, OpenMP threads. The op-specific host types a layer names
+// through its backend (the CUDA backend maps them to device versions):
+//   attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
 struct Cpu {
   template <class T>
   using tensor = Tensor<T>;
+  template <class T>
+  using attention_cache = AttentionCache<T>;
+  template <class T>
+  using cross_entropy_cache = CrossEntropyCache<T>;
+  template <class T>
+  using rope_table = RopeTable<T>;
   static constexpr const char* name = "cpu";
 
   template <class T>

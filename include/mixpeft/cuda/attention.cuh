@@ -21,6 +21,7 @@
 // Cache: P [B, H, Tq, Tk] in T and the mask (the CPU op's AttentionCache, as cuda::AttentionCache).
 // Backward also reads q, k, v, which the caller keeps, and uses B*H*Tq*Tk scratch for dS.
 // Shapes: q, o, dq [B, Tq, D]   k, v, dk, dv [B, Tk, D]   P [B, H, Tq, Tk]   D = H * dh.
+// append_tokens(kv, x): the KV cache's append, as on the CPU (two strided device copies).
 #pragma once
 
 #include <cmath>
@@ -221,6 +222,27 @@ void attention_backward(const DeviceTensor<T>& q, const DeviceTensor<T>& k, cons
   detail::merge_heads(dqh, dq);
   detail::merge_heads(dkh, dk);
   detail::merge_heads(dvh, dv);
+}
+
+// The KV cache's append (ops/attention.hpp): kv [B, L, D] becomes [B, L + t, D] with x [B, t, D] after each
+// sequence's L tokens (kv empty: a copy of x). Two strided device copies into a new tensor.
+template <class T>
+void append_tokens(DeviceTensor<T>& kv, const DeviceTensor<T>& x) {
+  expect_shape("append_tokens", "x", x, {any_extent, any_extent, any_extent});
+  if (kv.dimension() != 3 || kv.size() == 0) {
+    assign(kv, x);
+    return;
+  }
+  expect_shape("append_tokens", "kv", kv, {x.shape()[0], any_extent, x.shape()[2]});
+  const std::size_t b = x.shape()[0], l = kv.shape()[1], t = x.shape()[1], d = x.shape()[2];
+  DeviceTensor<T> out(Shape{b, l + t, d});
+  const std::size_t pitch = (l + t) * d * sizeof(T);
+  MIXPEFT_CUDA_CHECK(cudaMemcpy2DAsync(out.data(), pitch, kv.data(), l * d * sizeof(T), l * d * sizeof(T), b,
+                                       cudaMemcpyDeviceToDevice, current_stream()));
+  if (x.size() > 0)
+    MIXPEFT_CUDA_CHECK(cudaMemcpy2DAsync(out.data() + l * d, pitch, x.data(), t * d * sizeof(T), t * d * sizeof(T),
+                                         b, cudaMemcpyDeviceToDevice, current_stream()));
+  kv = std::move(out);
 }
 
 }  // namespace mixpeft::cuda

@@ -8,28 +8,45 @@
 //   typename Backend::template attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
 // The ids of embedding and the targets of cross-entropy stay host tensors on both backends.
 // Parameters are initialised on the host (the same Rng draws as on the CPU) and moved here with
-// Cuda::from_host<T>(host) (an upload on the current stream); Cuda::zeros<T>(shape) is a zeroed device tensor.
+// Cuda::from_host<T>(host) (an upload on the current stream; a float host tensor is rounded once to a 16-bit T);
+// Cuda::zeros<T>(shape) is a zeroed device tensor.
 #pragma once
 
 #include "mixpeft/core/backend.hpp"
 #include "mixpeft/cuda/activations.cuh"
 #include "mixpeft/cuda/attention.cuh"
+#include "mixpeft/cuda/balance_loss.cuh"
+#include "mixpeft/cuda/class_token.cuh"
 #include "mixpeft/cuda/cross_entropy.cuh"
 #include "mixpeft/cuda/device_tensor.cuh"
 #include "mixpeft/cuda/dropout.cuh"
 #include "mixpeft/cuda/elementwise.cuh"
 #include "mixpeft/cuda/embedding.cuh"
+#include "mixpeft/cuda/greedy.cuh"
 #include "mixpeft/cuda/grouped_lora.cuh"
 #include "mixpeft/cuda/grouped_projection.cuh"
 #include "mixpeft/cuda/layernorm.cuh"
 #include "mixpeft/cuda/matmul.cuh"
+#include "mixpeft/cuda/modality_routing.cuh"
+#include "mixpeft/cuda/patchify.cuh"
 #include "mixpeft/cuda/rmsnorm.cuh"
 #include "mixpeft/cuda/rope.cuh"
 #include "mixpeft/cuda/routed_mix.cuh"
 #include "mixpeft/cuda/router.cuh"
 #include "mixpeft/cuda/softmax.cuh"
+#include "mixpeft/cuda/token_rows.cuh"
 
 namespace mixpeft {
+
+// 16-bit storage computes in float (cuda::acc_t): layers draw such weights, and keep gates, in float.
+template <>
+struct accumulator<__nv_bfloat16> {
+  using type = float;
+};
+template <>
+struct accumulator<__half> {
+  using type = float;
+};
 
 struct Cuda {
   template <class T>
@@ -42,9 +59,9 @@ struct Cuda {
   using rope_table = cuda::DeviceRopeTable<T>;
   static constexpr const char* name = "cuda";
 
-  template <class T>
-  static cuda::DeviceTensor<T> from_host(const Tensor<T>& host) {
-    return cuda::upload(host);
+  template <class T, class S>
+  static cuda::DeviceTensor<T> from_host(const Tensor<S>& host) {
+    return cuda::upload_as<T>(host);  // S = T, or float for a 16-bit T (rounded once on the device)
   }
   template <class T>
   static cuda::DeviceTensor<T> zeros(const Shape& shape) {

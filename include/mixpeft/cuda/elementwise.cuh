@@ -7,8 +7,9 @@
 // The tail pack of an n that is not a multiple of V is handled element by element. Outputs may alias inputs
 // (each element is read and written by the same thread), so ops can run in place.
 //
-// add_transposed(src, alpha, dst): dst[R, C] += alpha * src[C, R]^T on DeviceTensors, the CUDA op of
-// ops/elementwise.hpp. A tiled transpose: each block stages a 32 x 32 tile of src in shared memory (rows padded
+// add_to(dst, src): dst += src, and add_transposed(src, alpha, dst): dst[R, C] += alpha * src[C, R]^T on
+// DeviceTensors, the CUDA ops of ops/elementwise.hpp. add_transposed is
+// a tiled transpose: each block stages a 32 x 32 tile of src in shared memory (rows padded
 // to 33 entries so the transposed reads hit distinct banks), reading src and updating dst along their rows
 // (coalesced both ways); tiles are visited by a grid-stride loop. dst must not alias src.
 #pragma once
@@ -101,6 +102,13 @@ void map_elements(const char* name, std::size_t n, F f, const std::array<const T
   check_launch(name);
 }
 
+struct AddInto {  // y = x0 + x1
+  template <class A>
+  __device__ void operator()(std::size_t, const A (&x)[2], A (&y)[1]) const {
+    y[0] = x[0] + x[1];
+  }
+};
+
 inline constexpr int transpose_tile = 32;
 inline constexpr int transpose_rows = 8;  // threads per tile column: a block is transpose_tile x transpose_rows
 
@@ -135,6 +143,14 @@ __global__ void add_transposed_kernel(const T* __restrict__ src, acc_t<T> alpha,
 }
 
 }  // namespace detail
+
+// dst += src (same element count and width; leading axes may differ), as ops/elementwise.hpp's add_to.
+template <class T>
+void add_to(DeviceTensor<T>& dst, const DeviceTensor<T>& src) {
+  require<ShapeError>(dst.size() == src.size() && cols(dst) == cols(src), "add_to: src has shape ",
+                      shape_string(src.shape()), " but dst has shape ", shape_string(dst.shape()));
+  detail::map_elements<T, 2, 1>("add_to", dst.size(), detail::AddInto{}, {dst.data(), src.data()}, {dst.data()});
+}
 
 // dst[R, C] += alpha * src[C, R]^T. Both are rank 2; dst must not share storage with src.
 template <class T>

@@ -14,7 +14,8 @@
 // grad_A(dt, x), dx (+)= shrink_backward(dt): the CPU ExpertLoRA's grouped_linear / scale_rows sequence
 // (layers/lora_experts.hpp) with the gate folded into the epilogues instead of a materialised c * t.
 // Shapes: x, dx [M, in] (x may be [..., in]); A, dA [K, r, in]; t, h, dt [M, r]; B, dB [K, out, r];
-//         y, dy [M, out]; gates, dgates [M] (or [M, 1]); offsets [K+1] int32 on the device.
+//         y, dy [M, out]; gates, dgates [M] (or [M, 1]); offsets [K+1] int32 on the device. A 2-D weight
+//         ([r, in], [out, r]) is one expert. The shape checks are those of the CPU ops (ops/grouped_lora.hpp).
 // Caches nothing between calls: backward needs the forward's x and t (and the gates); split-K scratch comes
 // from the caching pool per call and goes back to it on return.
 //
@@ -65,6 +66,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 #include <type_traits>
 
@@ -74,6 +76,7 @@
 #include "mixpeft/cuda/error.cuh"
 #include "mixpeft/cuda/kernel_utils.cuh"
 #include "mixpeft/cuda/memory.cuh"
+#include "mixpeft/ops/grouped_lora.hpp"
 
 namespace mixpeft::cuda {
 namespace detail {
@@ -568,33 +571,30 @@ inline constexpr bool glora_same_accumulator_v = (std::is_same_v<acc_t<W>, acc_t
 template <class W, class U>
 inline constexpr bool glora_storage_of_v = std::is_same_v<U, W> || (is_reduced_float_v<W> && std::is_same_v<U, float>);
 
-// K from a stacked weight [K, rows, cols], with offsets [K + 1] and M rows to share out.
+// K from a stacked weight [K, rows, cols] (or one expert's [rows, cols]), with offsets [K + 1] and M rows to share
+// out: the checks of ops/grouped_lora.hpp, on shapes only (the offsets' values stay on the device).
 template <class W>
-std::size_t glora_check_stacked(std::string_view op, std::string_view name, const DeviceTensor<W>& w, std::size_t d1,
-                          std::size_t d2, const DeviceTensor<std::int32_t>& offsets, std::size_t m) {
-  expect_shape(op, name, w, {any_extent, d1, d2});
-  const std::size_t experts = w.shape()[0];
-  expect_shape(op, "offsets", offsets, {experts + 1});
-  require<ShapeError>(experts > 0 || m == 0, op, ": ", m, " rows but no experts");
-  return experts;
-}
-
-template <class T>
-void glora_check_rows_of(std::string_view op, std::string_view name, const DeviceTensor<T>& t, std::size_t m,
-                   std::size_t width) {
-  require<ShapeError>(t.dimension() >= 1 && rows(t) == m && cols(t) == width, op, ": ", name, " has shape ",
-                      shape_string(t.shape()), ", expected [", m, ", ", width, "]");
-}
-
-template <class T>
-void glora_check_per_row(std::string_view op, std::string_view name, const DeviceTensor<T>& t, std::size_t m) {
-  require<ShapeError>(t.size() == m && (t.dimension() == 1 || (t.dimension() == 2 && t.shape()[1] == 1)), op, ": ",
-                      name, " has shape ", shape_string(t.shape()), ", expected [", m, "] or [", m, ", 1]");
+mixpeft::detail::StackedDims glora_check_stacked(std::string_view op, std::string_view name, const DeviceTensor<W>& w,
+                                                 std::string_view layout, const DeviceTensor<std::int32_t>& offsets,
+                                                 std::size_t m) {
+  const auto d = mixpeft::detail::stacked_dims(op, name, w.shape(), layout);
+  mixpeft::detail::check_grouping(op, d, offsets.shape(), m);
+  return d;
 }
 
 }  // namespace detail
 
 // ---- the ops -------------------------------------------------------------------------------------------
+
+// offsets = [0, m] on the device: one block of all rows (a single LoRA). One small host-to-device copy.
+inline void one_block_offsets(std::size_t m, DeviceTensor<std::int32_t>& offsets) {
+  require<ConfigError>(m <= std::size_t(std::numeric_limits<std::int32_t>::max()), "one_block_offsets: ", m,
+                       " rows do not fit int32 offsets");
+  resize_to(offsets, Shape{2});
+  const std::int32_t host[2] = {0, std::int32_t(m)};
+  // Pageable source: the copy is staged before the call returns, so `host` may go out of scope.
+  MIXPEFT_CUDA_CHECK(cudaMemcpyAsync(offsets.data(), host, sizeof(host), cudaMemcpyHostToDevice, current_stream()));
+}
 
 // t[j, :] = x[j, :] A_e^T on every row block. x [M, in] (or [..., in]), A [K, r, in] -> t [M, r].
 template <class TX, class TW, class TT>
@@ -603,11 +603,10 @@ void grouped_lora_shrink(const DeviceTensor<TX>& x, const DeviceTensor<TW>& A, c
   static_assert(detail::glora_storage_of_v<TW, TX> && detail::glora_storage_of_v<TW, TT>,
                 "grouped_lora_shrink: x and t must be stored as A or, for bf16 / fp16 A, as float");
   constexpr std::string_view op = "grouped_lora_shrink";
-  require<ShapeError>(A.dimension() == 3, op, ": A has shape ", shape_string(A.shape()), ", expected [K, r, in]");
-  const std::size_t r = A.shape()[1], in = A.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "A", A, "[K, r, in] or [r, in]", offsets, rows(x));
+  const std::size_t experts = d.experts, r = d.rows, in = d.cols;
   expect_width(op, "x", x, in);
   const std::size_t m = rows(x);
-  const std::size_t experts = detail::glora_check_stacked(op, "A", A, r, in, offsets, m);
   resize_to(t, {m, r});
   detail::launch_grouped_rows<true>(op.data(), true, x.data(), in, A.data(), in, r * in, t.data(), offsets.data(),
                                     experts, m, r, in, 1.0, false, static_cast<const acc_t<TW>*>(nullptr),
@@ -623,13 +622,12 @@ void grouped_lora_expand(const DeviceTensor<TT>& t, const DeviceTensor<TW>& B, c
   static_assert(detail::glora_storage_of_v<TW, TT> && detail::glora_storage_of_v<TW, TY>,
                 "grouped_lora_expand: t and y must be stored as B or, for bf16 / fp16 B, as float");
   constexpr std::string_view op = "grouped_lora_expand";
-  require<ShapeError>(B.dimension() == 3, op, ": B has shape ", shape_string(B.shape()), ", expected [K, out, r]");
-  const std::size_t out = B.shape()[1], r = B.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "B", B, "[K, out, r] or [out, r]", offsets, rows(t));
+  const std::size_t experts = d.experts, out = d.rows, r = d.cols;
   expect_width(op, "t", t, r);
   const std::size_t m = rows(t);
-  const std::size_t experts = detail::glora_check_stacked(op, "B", B, out, r, offsets, m);
-  if (gates) detail::glora_check_per_row(op, "gates", *gates, m);
-  if (accumulate) detail::glora_check_rows_of(op, "y", y, m, out);
+  if (gates) mixpeft::detail::check_per_row(op, "gates", gates->shape(), m);
+  if (accumulate) mixpeft::detail::check_rows_of(op, "y", y.shape(), m, out);
   else resize_to(y, {m, out});
   detail::launch_grouped_rows<true>(op.data(), false, t.data(), r, B.data(), r, out * r, y.data(), offsets.data(),
                                     experts, m, out, r, scale, accumulate, gates ? gates->data() : nullptr,
@@ -647,16 +645,15 @@ void grouped_lora_expand_backward(const DeviceTensor<TY>& dy, const DeviceTensor
   static_assert(detail::glora_storage_of_v<TW, TY> && detail::glora_storage_of_v<TW, TT>,
                 "grouped_lora_expand_backward: dy and dt must be stored as B or, for bf16 / fp16 B, as float");
   constexpr std::string_view op = "grouped_lora_expand_backward";
-  require<ShapeError>(B.dimension() == 3, op, ": B has shape ", shape_string(B.shape()), ", expected [K, out, r]");
-  const std::size_t out = B.shape()[1], r = B.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "B", B, "[K, out, r] or [out, r]", offsets, rows(dy));
+  const std::size_t experts = d.experts, out = d.rows, r = d.cols;
   expect_width(op, "dy", dy, out);
   const std::size_t m = rows(dy);
-  const std::size_t experts = detail::glora_check_stacked(op, "B", B, out, r, offsets, m);
-  if (gates) detail::glora_check_per_row(op, "gates", *gates, m);
+  if (gates) mixpeft::detail::check_per_row(op, "gates", gates->shape(), m);
   if (dgates) {
     require<ShapeError>(h != nullptr, op, ": dgates needs h (the forward's ungated t)");
-    detail::glora_check_per_row(op, "dgates", *dgates, m);
-    detail::glora_check_rows_of(op, "h", *h, m, r);
+    mixpeft::detail::check_per_row(op, "dgates", dgates->shape(), m);
+    mixpeft::detail::check_rows_of(op, "h", h->shape(), m, r);
     require<ShapeError>(static_cast<const void*>(h) != static_cast<const void*>(&dt), op,
                         ": h and dt must be different tensors");
   }
@@ -674,12 +671,11 @@ void grouped_lora_shrink_backward(const DeviceTensor<TT>& dt, const DeviceTensor
   static_assert(detail::glora_storage_of_v<TW, TT> && detail::glora_storage_of_v<TW, TX>,
                 "grouped_lora_shrink_backward: dt and dx must be stored as A or, for bf16 / fp16 A, as float");
   constexpr std::string_view op = "grouped_lora_shrink_backward";
-  require<ShapeError>(A.dimension() == 3, op, ": A has shape ", shape_string(A.shape()), ", expected [K, r, in]");
-  const std::size_t r = A.shape()[1], in = A.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "A", A, "[K, r, in] or [r, in]", offsets, rows(dt));
+  const std::size_t experts = d.experts, r = d.rows, in = d.cols;
   expect_width(op, "dt", dt, r);
   const std::size_t m = rows(dt);
-  const std::size_t experts = detail::glora_check_stacked(op, "A", A, r, in, offsets, m);
-  if (accumulate) detail::glora_check_rows_of(op, "dx", dx, m, in);
+  if (accumulate) mixpeft::detail::check_rows_of(op, "dx", dx.shape(), m, in);
   else resize_to(dx, {m, in});
   detail::launch_grouped_rows<false>(op.data(), false, dt.data(), r, A.data(), in, r * in, dx.data(), offsets.data(),
                                      experts, m, in, r, 1.0, accumulate, static_cast<const acc_t<TW>*>(nullptr),
@@ -693,13 +689,12 @@ void grouped_lora_grad_B(const DeviceTensor<TY>& dy, const DeviceTensor<TT>& t, 
                          double scale, const std::type_identity_t<DeviceTensor<acc_t<TD>>>* gates, DeviceTensor<TD>& dB) {
   static_assert(detail::glora_same_accumulator_v<TD, TY, TT>, "grouped_lora_grad_B: mixed double and single precision");
   constexpr std::string_view op = "grouped_lora_grad_B";
-  require<ShapeError>(dB.dimension() == 3, op, ": dB has shape ", shape_string(dB.shape()), ", expected [K, out, r]");
-  const std::size_t out = dB.shape()[1], r = dB.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "dB", dB, "[K, out, r] or [out, r]", offsets, rows(dy));
+  const std::size_t experts = d.experts, out = d.rows, r = d.cols;
   expect_width(op, "dy", dy, out);
   const std::size_t m = rows(dy);
-  detail::glora_check_rows_of(op, "t", t, m, r);
-  const std::size_t experts = detail::glora_check_stacked(op, "dB", dB, out, r, offsets, m);
-  if (gates) detail::glora_check_per_row(op, "gates", *gates, m);
+  mixpeft::detail::check_rows_of(op, "t", t.shape(), m, r);
+  if (gates) mixpeft::detail::check_per_row(op, "gates", gates->shape(), m);
   detail::launch_grouped_wgrad(op.data(), dy.data(), t.data(), gates ? gates->data() : nullptr, dB.data(), false,
                                offsets.data(), experts, m, out, r, scale);
 }
@@ -711,12 +706,11 @@ void grouped_lora_grad_A(const DeviceTensor<TT>& dt, const DeviceTensor<TX>& x, 
                          DeviceTensor<TD>& dA) {
   static_assert(detail::glora_same_accumulator_v<TD, TT, TX>, "grouped_lora_grad_A: mixed double and single precision");
   constexpr std::string_view op = "grouped_lora_grad_A";
-  require<ShapeError>(dA.dimension() == 3, op, ": dA has shape ", shape_string(dA.shape()), ", expected [K, r, in]");
-  const std::size_t r = dA.shape()[1], in = dA.shape()[2];
+  const auto d = detail::glora_check_stacked(op, "dA", dA, "[K, r, in] or [r, in]", offsets, rows(x));
+  const std::size_t experts = d.experts, r = d.rows, in = d.cols;
   expect_width(op, "x", x, in);
   const std::size_t m = rows(x);
-  detail::glora_check_rows_of(op, "dt", dt, m, r);
-  const std::size_t experts = detail::glora_check_stacked(op, "dA", dA, r, in, offsets, m);
+  mixpeft::detail::check_rows_of(op, "dt", dt.shape(), m, r);
   detail::launch_grouped_wgrad(op.data(), x.data(), dt.data(), static_cast<const acc_t<TD>*>(nullptr), dA.data(), true,
                                offsets.data(), experts, m, in, r, 1.0);
 }

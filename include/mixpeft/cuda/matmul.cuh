@@ -434,14 +434,6 @@ void matmul(const MatmulCall<TA, TC>& call) {
 
 // ---- the ops/matmul.hpp interface on DeviceTensors ------------------------------------------------
 
-namespace detail {
-struct AddInto {  // y = x0 + x1
-  template <class A>
-  __device__ void operator()(std::size_t, const A (&x)[2], A (&y)[1]) const {
-    y[0] = x[0] + x[1];
-  }
-};
-}  // namespace detail
 
 // C[m, n] = alpha * op(A) op(B) + beta * C on whole tensors holding exactly m*k, k*n and m*n elements.
 template <class T>

@@ -24,10 +24,12 @@
 // A NaN or Inf loss throws NumericError.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "mixpeft/core/backend.hpp"
@@ -53,52 +55,144 @@ inline void batch_sample_ids(std::size_t batch, std::size_t seq, Tensor<std::int
   for (std::size_t i = 0; i < batch * seq; ++i) ids.data()[i] = std::int32_t(i / seq);
 }
 
-// ================================ loss ops (CPU) ================================
-
-namespace detail {
+// ================================ tally ops (CPU; a device backend provides the same four) ================================
+//
+// Valid token i: mask absent or mask[i] != 0; its group g(i) = group_ids[i], or 0 when group_ids is absent.
+//   tally_experts             adds valid[g] += 1, prob_sum[g, j] += p_ij, count[g, e_is] += 1 (s < slots);
+//                             ConfigError for a group or expert id out of range, before anything is added
+//   add_group_coefficients    dprobs[i, j] += coef[g(i), j]                 (the probability gradients)
+//   router_z_sums             adds sum over valid rows of lse_i^2, and the number of valid rows
+//   router_z_backward_add     dlogits[i, j] += coef * lse_i * softmax(l_i)_j
 
 // Per group (sample, or one group for all tokens): valid tokens, probability sums and assignment counts.
 struct ExpertTally {
-  std::size_t experts = 0;
+  std::size_t experts = 0;                     // K
   std::vector<double> valid, prob_sum, count;  // [G], [G K], [G K]
 };
 
 template <class T>
-ExpertTally tally_experts(std::string_view op, std::span<const RoutingResult<T, Cpu>* const> layers,
-                          const BalanceTokens<T, Cpu>& tokens, bool by_sample, bool all_slots) {
+void tally_experts(std::string_view op, const Tensor<T>& probs, const Tensor<std::int32_t>& experts, std::size_t slots,
+                   const Tensor<T>& mask, const Tensor<std::int32_t>& group_ids, ExpertTally& tally) {
+  expect_shape(op, "probs", probs, {any_extent, tally.experts});
+  const std::size_t n = probs.shape()[0], K = tally.experts, groups = tally.valid.size();
+  expect_shape(op, "experts", experts, {n, any_extent});
+  const std::size_t k = experts.shape()[1];
+  require<ShapeError>(slots <= k, op, ": counting ", slots, " slots of a top-", k, " routing");
+  const bool masked = detail::present(mask), ids = detail::present(group_ids);
+  if (masked) expect_shape(op, "mask", mask, {n});
+  if (ids) expect_shape(op, "group_ids", group_ids, {n});
+  require<ShapeError>(tally.prob_sum.size() == groups * K && tally.count.size() == groups * K, op,
+                      ": the tally is not sized for ", groups, " groups of ", K, " experts");
+  const auto valid = [&](std::size_t i) { return !masked || mask.data()[i] != T(0); };
+  for (std::size_t i = 0; i < n; ++i) {  // every id is checked before anything is added
+    if (!valid(i)) continue;
+    const std::int32_t g = ids ? group_ids.data()[i] : 0;
+    require<ConfigError>(g >= 0 && std::size_t(g) < groups, op, ": group id ", g, " is out of range [0, ", groups,
+                         ")");
+    for (std::size_t s = 0; s < slots; ++s) {
+      const std::int32_t e = experts.data()[i * k + s];
+      require<ConfigError>(e >= 0 && std::size_t(e) < K, op, ": expert id ", e, " is out of range [0, ", K, ")");
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!valid(i)) continue;
+    const std::size_t g = ids ? std::size_t(group_ids.data()[i]) : 0;
+    tally.valid[g] += 1;
+    for (std::size_t j = 0; j < K; ++j) tally.prob_sum[g * K + j] += double(probs.data()[i * K + j]);
+    for (std::size_t s = 0; s < slots; ++s) tally.count[g * K + std::size_t(experts.data()[i * k + s])] += 1;
+  }
+}
+
+template <class T>
+void add_group_coefficients(const Tensor<T>& mask, const Tensor<std::int32_t>& group_ids, std::span<const double> coef,
+                            Tensor<T>& dprobs) {
+  expect_shape("add_group_coefficients", "dprobs", dprobs, {any_extent, any_extent});
+  const std::size_t n = dprobs.shape()[0], K = dprobs.shape()[1], groups = K > 0 ? coef.size() / K : 0;
+  const bool masked = detail::present(mask), ids = detail::present(group_ids);
+  if (masked) expect_shape("add_group_coefficients", "mask", mask, {n});
+  if (ids) expect_shape("add_group_coefficients", "group_ids", group_ids, {n});
+  for (std::size_t i = 0; i < n; ++i) {
+    if (masked && mask.data()[i] == T(0)) continue;
+    const std::size_t g = ids ? std::size_t(group_ids.data()[i]) : 0;
+    if (g >= groups) continue;  // tally_experts has rejected it
+    for (std::size_t j = 0; j < K; ++j) dprobs.data()[i * K + j] += T(coef[g * K + j]);
+  }
+}
+
+namespace detail {
+// Calls f(row, lse) for every valid row of logits [N, K] (lse in double, max-shifted).
+template <class T, class F>
+void for_valid_logit_rows(const Tensor<T>& logits, const Tensor<T>& mask, F&& f) {
+  expect_shape("router_z_loss", "logits", logits, {any_extent, any_extent});
+  const std::size_t n = logits.shape()[0], K = logits.shape()[1];
+  const bool masked = present(mask);
+  if (masked) expect_shape("router_z_loss", "mask", mask, {n});
+  for (std::size_t i = 0; i < n; ++i) {
+    if (masked && mask.data()[i] == T(0)) continue;
+    const T* row = logits.data() + i * K;
+    double m = double(row[0]), s = 0;
+    for (std::size_t j = 1; j < K; ++j) m = std::max(m, double(row[j]));
+    for (std::size_t j = 0; j < K; ++j) s += std::exp(double(row[j]) - m);
+    f(i, m + std::log(s));
+  }
+}
+}  // namespace detail
+
+template <class T>
+void router_z_sums(const Tensor<T>& logits, const Tensor<T>& mask, double& sum_lse2, double& valid) {
+  detail::for_valid_logit_rows(logits, mask, [&](std::size_t, double lse) {
+    sum_lse2 += lse * lse;
+    valid += 1;
+  });
+}
+
+template <class T>
+void router_z_backward_add(const Tensor<T>& logits, const Tensor<T>& mask, double coef, Tensor<T>& dlogits) {
+  expect_same_shape("router_z_backward_add", "dlogits", dlogits, "logits", logits);
+  const std::size_t K = logits.shape()[1];
+  detail::for_valid_logit_rows(logits, mask, [&](std::size_t i, double lse) {
+    const T* row = logits.data() + i * K;
+    T* out = dlogits.data() + i * K;
+    for (std::size_t j = 0; j < K; ++j) out[j] += T(coef * lse * std::exp(double(row[j]) - lse));
+  });
+}
+
+// ================================ losses (any backend) ================================
+
+namespace detail {
+
+template <class T, class Backend>
+using RoutingSpan = std::span<const RoutingResult<T, Backend>* const>;
+
+// The tallies of all layers together, by sample or as one group.
+template <class T, class Backend>
+ExpertTally tally_layers(std::string_view op, RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens,
+                         bool by_sample, bool all_slots) {
   require<ShapeError>(!layers.empty(), op, ": no layers");
   const std::size_t n = layers[0]->tokens(), K = layers[0]->num_experts();
   require<ShapeError>(n > 0 && K > 0, op, ": the routing is empty (a router with K = 1 has none)");
-  const bool masked = present(tokens.mask), ids = by_sample && present(tokens.sample_ids);
-  if (masked) expect_shape(op, "mask", tokens.mask, {n});
-  if (ids) expect_shape(op, "sample_ids", tokens.sample_ids, {n});
   const std::size_t groups = by_sample ? tokens.samples : 1;
   require<ConfigError>(groups > 0, op, ": samples must be > 0");
   ExpertTally t{K, std::vector<double>(groups, 0.0), std::vector<double>(groups * K, 0.0),
                 std::vector<double>(groups * K, 0.0)};
+  using IndexTensor = typename Backend::template tensor<std::int32_t>;
+  const IndexTensor none = Backend::template zeros<std::int32_t>(Shape{0});
   for (const auto* r : layers) {
-    expect_shape(op, "probs", r->probs, {n, K});
-    const std::size_t k = r->k, slots = all_slots ? k : 1;
-    expect_shape(op, "experts", r->experts, {n, k});
-    for (std::size_t i = 0; i < n; ++i) {
-      if (masked && tokens.mask.data()[i] == T(0)) continue;
-      const std::size_t g = ids ? std::size_t(tokens.sample_ids.data()[i]) : 0;
-      require<ConfigError>(g < groups, op, ": sample id ", g, " is out of range [0, ", groups, ")");
-      t.valid[g] += 1;
-      for (std::size_t j = 0; j < K; ++j) t.prob_sum[g * K + j] += double(r->probs.data()[i * K + j]);
-      for (std::size_t s = 0; s < slots; ++s) t.count[g * K + std::size_t(r->experts.data()[i * k + s])] += 1;
-    }
+    require<ShapeError>(r->tokens() == n, op, ": layers route ", r->tokens(), " and ", n, " tokens");
+    tally_experts(op, r->probs, r->experts, all_slots ? r->k : 1, tokens.mask, by_sample ? tokens.sample_ids : none,
+                  t);
   }
   return t;
 }
 
-// grads[l]->dprobs[i, j] += coefficient(group of token i, j) for the valid tokens of every layer.
-template <class T, class Coefficient>
-void add_prob_grads(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens,
-                    bool by_sample, std::span<RouterGrad<T, Cpu>* const> grads, const Coefficient& coefficient) {
+// grads[l]->dprobs += coef[group, j] over the valid tokens of every layer (buffers sized and zeroed on first use).
+template <class T, class Backend>
+void add_prob_grads(RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, bool by_sample,
+                    std::span<RouterGrad<T, Backend>* const> grads, std::span<const double> coef) {
   require<ShapeError>(grads.size() == layers.size(), "balance loss backward: ", grads.size(),
                       " router gradients for ", layers.size(), " layers");
-  const bool masked = present(tokens.mask), ids = by_sample && present(tokens.sample_ids);
+  using IndexTensor = typename Backend::template tensor<std::int32_t>;
+  const IndexTensor none = Backend::template zeros<std::int32_t>(Shape{0});
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto& probs = layers[l]->probs;
     auto& d = grads[l]->dprobs;
@@ -106,12 +200,7 @@ void add_prob_grads(std::span<const RoutingResult<T, Cpu>* const> layers, const 
       resize_to(d, shape_of(probs));
       set_zero(d);
     }
-    const std::size_t n = probs.shape()[0], K = probs.shape()[1];
-    for (std::size_t i = 0; i < n; ++i) {
-      if (masked && tokens.mask.data()[i] == T(0)) continue;
-      const std::size_t g = ids ? std::size_t(tokens.sample_ids.data()[i]) : 0;
-      for (std::size_t j = 0; j < K; ++j) d.data()[i * K + j] += T(coefficient(g, j));
-    }
+    add_group_coefficients(tokens.mask, by_sample ? tokens.sample_ids : none, coef, d);
   }
 }
 
@@ -122,9 +211,9 @@ inline double finite_loss(std::string_view op, double value) {
 
 }  // namespace detail
 
-template <class T>
-T mole_balance_forward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens) {
-  const auto t = detail::tally_experts("mole_balance", layers, tokens, true, false);
+template <class T, class Backend>
+T mole_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  const auto t = detail::tally_layers("mole_balance", layers, tokens, true, false);
   double total = 0, used = 0;
   for (std::size_t b = 0; b < t.valid.size(); ++b) {
     if (t.valid[b] == 0) continue;
@@ -136,20 +225,22 @@ T mole_balance_forward(std::span<const RoutingResult<T, Cpu>* const> layers, con
   return T(detail::finite_loss("mole_balance", used > 0 ? total / used : 0.0));
 }
 
-template <class T>
-void mole_balance_backward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens,
-                           T scale, std::span<RouterGrad<T, Cpu>* const> grads) {
-  const auto t = detail::tally_experts("mole_balance", layers, tokens, true, false);
+template <class T, class Backend>
+void mole_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
+                           std::span<RouterGrad<T, Backend>* const> grads) {
+  const auto t = detail::tally_layers("mole_balance", layers, tokens, true, false);
   double used = 0;
   for (double v : t.valid) used += v > 0;
-  detail::add_prob_grads(layers, tokens, true, grads, [&](std::size_t b, std::size_t j) {
-    return double(scale) * t.count[b * t.experts + j] / (t.valid[b] * t.valid[b] * used);
-  });
+  std::vector<double> coef(t.count.size(), 0.0);
+  for (std::size_t b = 0; b < t.valid.size(); ++b)
+    for (std::size_t j = 0; j < t.experts && t.valid[b] > 0; ++j)
+      coef[b * t.experts + j] = double(scale) * t.count[b * t.experts + j] / (t.valid[b] * t.valid[b] * used);
+  detail::add_prob_grads(layers, tokens, true, grads, std::span<const double>(coef));
 }
 
-template <class T>
-T switch_balance_forward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens) {
-  const auto t = detail::tally_experts("switch_balance", layers, tokens, false, true);
+template <class T, class Backend>
+T switch_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  const auto t = detail::tally_layers("switch_balance", layers, tokens, false, true);
   if (t.valid[0] == 0) return T(0);
   double assigned = 0, fp = 0;
   for (double c : t.count) assigned += c;
@@ -157,78 +248,66 @@ T switch_balance_forward(std::span<const RoutingResult<T, Cpu>* const> layers, c
   return T(detail::finite_loss("switch_balance", double(t.experts) * fp));
 }
 
-template <class T>
-void switch_balance_backward(std::span<const RoutingResult<T, Cpu>* const> layers,
-                             const BalanceTokens<T, Cpu>& tokens, T scale, std::span<RouterGrad<T, Cpu>* const> grads) {
-  const auto t = detail::tally_experts("switch_balance", layers, tokens, false, true);
+template <class T, class Backend>
+void switch_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
+                             std::span<RouterGrad<T, Backend>* const> grads) {
+  const auto t = detail::tally_layers("switch_balance", layers, tokens, false, true);
   double assigned = 0;
   for (double c : t.count) assigned += c;
-  detail::add_prob_grads(layers, tokens, false, grads, [&](std::size_t, std::size_t i) {
-    return double(scale) * double(t.experts) * (t.count[i] / assigned) / t.valid[0];
-  });
+  std::vector<double> coef(t.experts, 0.0);
+  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
+    coef[i] = double(scale) * double(t.experts) * (t.count[i] / assigned) / t.valid[0];
+  detail::add_prob_grads(layers, tokens, false, grads, std::span<const double>(coef));
 }
 
-template <class T>
-T gshard_balance_forward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens) {
-  const auto t = detail::tally_experts("gshard_balance", layers, tokens, false, false);
+template <class T, class Backend>
+T gshard_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  const auto t = detail::tally_layers("gshard_balance", layers, tokens, false, false);
   if (t.valid[0] == 0) return T(0);
   double s = 0;
   for (std::size_t i = 0; i < t.experts; ++i) s += t.count[i] * t.prob_sum[i];
   return T(detail::finite_loss("gshard_balance", s / (double(t.experts) * t.valid[0] * t.valid[0])));
 }
 
-template <class T>
-void gshard_balance_backward(std::span<const RoutingResult<T, Cpu>* const> layers,
-                             const BalanceTokens<T, Cpu>& tokens, T scale, std::span<RouterGrad<T, Cpu>* const> grads) {
-  const auto t = detail::tally_experts("gshard_balance", layers, tokens, false, false);
-  detail::add_prob_grads(layers, tokens, false, grads, [&](std::size_t, std::size_t i) {
-    return double(scale) * t.count[i] / (double(t.experts) * t.valid[0] * t.valid[0]);
-  });
+template <class T, class Backend>
+void gshard_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
+                             std::span<RouterGrad<T, Backend>* const> grads) {
+  const auto t = detail::tally_layers("gshard_balance", layers, tokens, false, false);
+  std::vector<double> coef(t.experts, 0.0);
+  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
+    coef[i] = double(scale) * t.count[i] / (double(t.experts) * t.valid[0] * t.valid[0]);
+  detail::add_prob_grads(layers, tokens, false, grads, std::span<const double>(coef));
 }
 
 namespace detail {
-// Calls f(layer, token, lse, row) for every valid token; returns the number of valid (layer, token) pairs.
-template <class T, class F>
-double for_valid_logit_rows(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens,
-                            F&& f) {
+// Sum of lse^2 and the number of valid (layer, token) pairs over all layers.
+template <class T, class Backend>
+std::pair<double, double> z_sums(RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
   constexpr std::string_view op = "router_z_loss";
   require<ShapeError>(!layers.empty(), op, ": no layers");
   const std::size_t n = layers[0]->tokens(), K = layers[0]->num_experts();
   require<ShapeError>(n > 0 && K > 0, op, ": the routing is empty (a router with K = 1 has none)");
-  const bool masked = present(tokens.mask);
-  if (masked) expect_shape(op, "mask", tokens.mask, {n});
-  double valid = 0;
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    expect_shape(op, "logits", layers[l]->logits, {n, K});
-    for (std::size_t i = 0; i < n; ++i) {
-      if (masked && tokens.mask.data()[i] == T(0)) continue;
-      const T* row = layers[l]->logits.data() + i * K;
-      double m = double(row[0]), s = 0;
-      for (std::size_t j = 1; j < K; ++j) m = std::max(m, double(row[j]));
-      for (std::size_t j = 0; j < K; ++j) s += std::exp(double(row[j]) - m);
-      f(l, i, m + std::log(s), row);
-      valid += 1;
-    }
+  double sum = 0, valid = 0;
+  for (const auto* r : layers) {
+    expect_shape(op, "logits", r->logits, {n, K});
+    router_z_sums(r->logits, tokens.mask, sum, valid);
   }
-  return valid;
+  return {sum, valid};
 }
 }  // namespace detail
 
-template <class T>
-T router_z_loss_forward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens) {
-  double sum = 0;
-  const double valid = detail::for_valid_logit_rows(layers, tokens, [&](std::size_t, std::size_t, double lse, const T*) {
-    sum += lse * lse;
-  });
+template <class T, class Backend>
+T router_z_loss_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  const auto [sum, valid] = detail::z_sums(layers, tokens);
   return T(detail::finite_loss("router_z_loss", valid > 0 ? sum / valid : 0.0));
 }
 
-template <class T>
-void router_z_loss_backward(std::span<const RoutingResult<T, Cpu>* const> layers, const BalanceTokens<T, Cpu>& tokens,
-                            T scale, std::span<RouterGrad<T, Cpu>* const> grads) {
+template <class T, class Backend>
+void router_z_loss_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
+                            std::span<RouterGrad<T, Backend>* const> grads) {
   require<ShapeError>(grads.size() == layers.size(), "router_z_loss backward: ", grads.size(),
                       " router gradients for ", layers.size(), " layers");
-  const double valid = detail::for_valid_logit_rows(layers, tokens, [](std::size_t, std::size_t, double, const T*) {});
+  const double valid = detail::z_sums(layers, tokens).second;
   for (std::size_t l = 0; l < layers.size(); ++l) {
     auto& d = grads[l]->dlogits;
     const auto& logits = layers[l]->logits;
@@ -236,13 +315,8 @@ void router_z_loss_backward(std::span<const RoutingResult<T, Cpu>* const> layers
       resize_to(d, shape_of(logits));
       set_zero(d);
     }
+    if (valid > 0) router_z_backward_add(logits, tokens.mask, double(scale) * 2.0 / valid, d);
   }
-  const std::size_t K = layers[0]->num_experts();
-  detail::for_valid_logit_rows(layers, tokens, [&](std::size_t l, std::size_t i, double lse, const T* row) {
-    T* out = grads[l]->dlogits.data() + i * K;
-    for (std::size_t j = 0; j < K; ++j)
-      out[j] += T(double(scale) * 2.0 * lse * std::exp(double(row[j]) - lse) / valid);
-  });
 }
 
 // ================================ the loss object ================================

@@ -32,6 +32,9 @@
 //   router_linear_forward / _backward   the affine map (serial: see there)
 //   input_jitter_* / logit_noise_forward, add_to (dst += src)
 // Parameters: "weight" [K, D], "bias" [K] (nn.Linear default init: kaiming-uniform(a = sqrt 5), U(+-1/sqrt D)).
+// Backends: both routers are device-generic (every step above is an unqualified op call; cuda/router.cuh and
+// cuda/softmax.cuh on the CUDA backend). Weights are drawn on the host in accumulator_t<T> and handed over with
+// Backend::from_host, so a router on any backend built from Rng(s) holds the CPU router's weights.
 #pragma once
 
 #include <algorithm>
@@ -274,11 +277,12 @@ struct RouterLinear {
     require<ConfigError>(temperature > 0 && std::isfinite(temperature), layer, ": temperature must be > 0 (got ",
                          temperature, ")");
     // Initialised on the host, then handed to the backend: the same weights on every backend for one Rng.
-    ::mixpeft::Tensor<T> w = empty<T>({experts, in});
+    using Host = ::mixpeft::Tensor<accumulator_t<T>>;
+    Host w = empty<accumulator_t<T>>({experts, in});
     init::kaiming_uniform(w, rng);
     weight = Parameter<T, Backend>("weight", Backend::template from_host<T>(std::move(w)), true);
     if (has_bias) {
-      ::mixpeft::Tensor<T> b = empty<T>({experts});
+      Host b = empty<accumulator_t<T>>({experts});
       init::linear_bias(b, rng, in);
       bias = Parameter<T, Backend>("bias", Backend::template from_host<T>(std::move(b)), true, /*decay=*/false);
     }
@@ -361,21 +365,24 @@ class SoftRouter {
   detail::RouterLinear<T, Backend> linear_;
 };
 
+// The configuration of TopKRouter<T, Backend> (TopKRouter<T, Backend>::Config), shared by every T and backend.
+struct TopKRouterConfig {
+  std::size_t in = 0;
+  std::size_t experts = 0;
+  std::size_t k = 1;
+  double temperature = 1.0;
+  bool bias = true;
+  RouterNoise noise = RouterNoise::None;
+  double noise_level = 0.0;  // InputJitter: eps (Switch uses 1e-2); LogitNoise: sigma
+};
+
 template <class T, class Backend = Cpu>
 class TopKRouter {
  public:
   using Tensor = typename Backend::template tensor<T>;
   using Routing = RoutingResult<T, Backend>;
 
-  struct Config {
-    std::size_t in = 0;
-    std::size_t experts = 0;
-    std::size_t k = 1;
-    double temperature = 1.0;
-    bool bias = true;
-    RouterNoise noise = RouterNoise::None;
-    double noise_level = 0.0;  // InputJitter: eps (Switch uses 1e-2); LogitNoise: sigma
-  };
+  using Config = TopKRouterConfig;  // one type for every T and backend
 
   struct Cache {
     Shape x_shape;
@@ -399,7 +406,7 @@ class TopKRouter {
     if (training_ && config_.noise == RouterNoise::InputJitter && config_.noise_level > 0) {
       input_jitter_forward(x, config_.noise_level, noise_rng_, cache.x, cache.factors);
     } else {
-      cache.x = x;
+      assign(cache.x, x);
       resize_to(cache.factors, Shape{0});
     }
     cache.x.reshape({n, config_.in});

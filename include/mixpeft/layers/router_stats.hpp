@@ -6,7 +6,8 @@
 //   usage(l[, g])      = count / sum_j count          (fractions; all zero before any record)
 //   mean_probs(l[, g]) = prob_sum / tokens
 // record() may be called several times per layer (micro-batches); reset() starts a new step. Statistics are
-// host-side doubles: accumulate_expert_usage is the op a device backend provides (it copies the sums back).
+// host-side doubles, counted by the tally_experts op of the routing's backend (balance_loss.hpp; on the CUDA
+// backend a deterministic device reduction whose G (2K + 1) sums are copied back: one stream sync per record).
 #pragma once
 
 #include <cstdint>
@@ -16,31 +17,10 @@
 #include "mixpeft/core/backend.hpp"
 #include "mixpeft/core/error.hpp"
 #include "mixpeft/core/tensor.hpp"
+#include "mixpeft/layers/balance_loss.hpp"
 #include "mixpeft/layers/router.hpp"
 
 namespace mixpeft {
-
-// counts [G K], prob_sums [G K], tokens [G] += the routing's valid tokens, grouped by group_ids ([N] or absent).
-template <class T>
-void accumulate_expert_usage(const RoutingResult<T, Cpu>& routing, const Tensor<std::int32_t>& group_ids,
-                             const Tensor<T>& mask, std::size_t groups, std::vector<double>& counts,
-                             std::vector<double>& prob_sums, std::vector<double>& tokens) {
-  constexpr std::string_view op = "accumulate_expert_usage";
-  const std::size_t n = routing.tokens(), K = routing.num_experts(), k = routing.k;
-  require<ShapeError>(counts.size() == groups * K && prob_sums.size() == groups * K && tokens.size() == groups, op,
-                      ": statistics sized for another expert count than the routing's ", K);
-  const bool ids = detail::present(group_ids), masked = detail::present(mask);
-  if (ids) expect_shape(op, "group_ids", group_ids, {n});
-  if (masked) expect_shape(op, "mask", mask, {n});
-  for (std::size_t i = 0; i < n; ++i) {
-    if (masked && mask.data()[i] == T(0)) continue;
-    const std::size_t g = ids ? std::size_t(group_ids.data()[i]) : 0;
-    require<ConfigError>(g < groups, op, ": group id ", g, " is out of range [0, ", groups, ")");
-    tokens[g] += 1;
-    for (std::size_t j = 0; j < K; ++j) prob_sums[g * K + j] += double(routing.probs.data()[i * K + j]);
-    for (std::size_t s = 0; s < k; ++s) counts[g * K + std::size_t(routing.experts.data()[i * k + s])] += 1;
-  }
-}
 
 template <class T, class Backend = Cpu>
 class RouterStats {
@@ -60,7 +40,11 @@ class RouterStats {
                         " experts, expected ", experts_);
     if (layer >= layers_.size()) layers_.resize(layer + 1, Layer(experts_, groups_));
     Layer& s = layers_[layer];
-    accumulate_expert_usage(routing, group_ids, mask, groups_, s.counts, s.prob_sums, s.tokens);
+    ExpertTally t{experts_, std::vector<double>(groups_, 0.0), std::vector<double>(groups_ * experts_, 0.0),
+                  std::vector<double>(groups_ * experts_, 0.0)};
+    tally_experts("RouterStats::record", routing.probs, routing.experts, routing.k, mask, group_ids, t);
+    for (std::size_t i = 0; i < t.count.size(); ++i) s.counts[i] += t.count[i], s.prob_sums[i] += t.prob_sum[i];
+    for (std::size_t g = 0; g < groups_; ++g) s.tokens[g] += t.valid[g];
   }
 
   std::size_t layers() const { return layers_.size(); }

@@ -7,7 +7,7 @@
 //   with experts (LoRAExperts, layers/lora_experts.hpp): K = 1 is a LoRA FFN, K > 1 LLaVA-MoLE's top-1 mixture.
 // FeedForward picks one of the two at construction; K = 0 ("none") is the plain SwiGLU.
 // Parameter names (Hugging Face): "gate_proj.weight" [F, D], "up_proj.weight" [F, D], "down_proj.weight" [D, F]
-// (LoRAExperts adds its "*.lora_A.<k>.weight", "*.lora_B.<k>.weight" and "router.*").
+// (LoRAExperts adds its stacked "*.lora_A.weight" [K, r, in], "*.lora_B.weight" [K, out, r] and "router.*").
 // Shapes: x, y [..., D] (N rows), h, u, z [..., F].
 #pragma once
 

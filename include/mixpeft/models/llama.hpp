@@ -31,6 +31,9 @@
 // model.norm.weight, lm_head.weight; PEFT modules below them (…q_proj.lora_A.weight, …mlp.router.weight,
 // model.layers.{i}.adapter_attn.*, model.layers.{i}.adapter_mlp.*).
 // Shapes: B batch, T tokens, D width, V vocabulary, F FFN width, H heads; ids [B, T] int64.
+// Backends: device-generic. Llama<T, Cuda> runs this code unchanged on device tensors (the ids stay on the host;
+// weights are drawn on the host with the CPU model's Rng sequence and handed over with Backend::from_host, so
+// both backends hold the same model for one seed); greedy generation reads one row of logits back per token.
 #pragma once
 
 #include <cmath>
@@ -41,9 +44,6 @@
 #include <span>
 #include <string>
 #include <vector>
-
-#include <xtensor/xsort.hpp>
-#include <xtensor/xview.hpp>
 
 #include "mixpeft/core/backend.hpp"
 #include "mixpeft/core/error.hpp"
@@ -60,6 +60,7 @@
 #include "mixpeft/models/self_attention.hpp"
 #include "mixpeft/ops/attention.hpp"
 #include "mixpeft/ops/embedding.hpp"
+#include "mixpeft/ops/greedy.hpp"
 #include "mixpeft/ops/rmsnorm.hpp"
 #include "mixpeft/ops/rope.hpp"
 
@@ -69,7 +70,7 @@ template <class T, class Backend = Cpu>
 class Llama {
  public:
   using Tensor = typename Backend::template tensor<T>;
-  using IdTensor = typename Backend::template tensor<std::int64_t>;
+  using IdTensor = ::mixpeft::Tensor<std::int64_t>;  // token ids stay on the host on every backend
   using Attention = SelfAttention<T, Backend>;
   using FFN = FeedForward<T, Backend>;
   using Adapter = MMAdapter<T, Backend>;
@@ -132,10 +133,11 @@ class Llama {
               rng) {
     const bool trainable = base_trainable(peft);
     const std::size_t d = config.dim;
-    Tensor table = empty<T>({config.vocab, d});
+    ::mixpeft::Tensor<accumulator_t<T>> table = empty<accumulator_t<T>>({config.vocab, d});
     init::normal(table, rng, 0.0, 0.02);
-    embed_ = Parameter<T, Backend>("model.embed_tokens.weight", std::move(table), trainable, /*decay=*/false);
-    rope_ = std::make_shared<const RopeTable<T>>(d / config.n_heads, config.max_seq, config.rope_theta);
+    embed_ = Parameter<T, Backend>("model.embed_tokens.weight", Backend::template from_host<T>(std::move(table)),
+                                   trainable, /*decay=*/false);
+    rope_ = std::make_shared<const typename Attention::Rope>(d / config.n_heads, config.max_seq, config.rope_theta);
     typename Adapter::Config mm = peft.mm_adapter.value_or(typename Adapter::Config{});
     mm.dim = d;
     blocks_.reserve(config.n_layers);
@@ -178,7 +180,8 @@ class Llama {
     require<ShapeError>(x.shape()[1] <= config_.max_seq, "Llama: ", x.shape()[1], " tokens exceed max_seq = ",
                         config_.max_seq);
     cache.blocks.resize(blocks_.size());
-    Tensor h = x;
+    Tensor h;
+    assign(h, x);
     for (std::size_t i = 0; i < blocks_.size(); ++i) h = block_forward(blocks_[i], h, mask, cache.blocks[i]);
     cache.x_final = std::move(h);
     Tensor hidden;
@@ -266,7 +269,7 @@ class Llama {
     KVCache kv;
     Tensor logits = prefill(x, mask, kv);
     while (out.size() < max_new_tokens) {
-      const std::int64_t next = argmax_last(logits);
+      const std::int64_t next = argmax_last_token(logits);
       out.push_back(next);
       if ((eos && next == *eos) || kv.length() >= config_.max_seq || out.size() == max_new_tokens) break;
       IdTensor ids = empty<std::int64_t>({1, 1});
@@ -373,15 +376,15 @@ class Llama {
   static bool base_trainable(const Peft& peft) { return !peft.freeze_base.value_or(peft.any()); }
 
   static Tensor ones(std::size_t d) {
-    Tensor t = empty<T>({d});
-    init::constant(t, T(1));
-    return t;
+    ::mixpeft::Tensor<accumulator_t<T>> t = empty<accumulator_t<T>>({d});
+    init::constant(t, accumulator_t<T>(1));
+    return Backend::template from_host<T>(std::move(t));
   }
   static Tensor* grad_of(Parameter<T, Backend>& p) { return p.trainable ? &p.grad : nullptr; }
 
   // x [B, T, D] -> x + FFN(RMSNorm(x + Attn(RMSNorm(x)))) with the adapters in place.
   Tensor block_forward(Block& b, const Tensor& x, const AttentionMask& mask, BlockCache& c) {
-    c.x = x;
+    assign(c.x, x);
     Tensor h;
     rmsnorm_forward(x, b.norm_in.value, config_.norm_eps, h, c.rstd_in);
     if (b.adapter_attn) h = b.adapter_attn->forward(h, first_token(h), c.adapter_attn);
@@ -421,7 +424,8 @@ class Llama {
     require<ConfigError>(kv.length() + x.shape()[1] <= config_.max_seq, "Llama: the KV cache holds ", kv.length(),
                          " positions; ", x.shape()[1], " more exceed max_seq = ", config_.max_seq);
     AttentionMask mask{.causal = true, .block_first_key = kv.mask.block_first_key, .key_lengths = {}};
-    Tensor h = x, a, rstd;
+    Tensor h, a, rstd;
+    assign(h, x);
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       Block& b = blocks_[i];
       rmsnorm_forward(h, b.norm_in.value, config_.norm_eps, a, rstd);
@@ -448,17 +452,11 @@ class Llama {
     return head_.forward(hidden, hc);
   }
 
-  // The most probable token at the last position of logits [1, t, V].
-  static std::int64_t argmax_last(const Tensor& logits) {
-    const auto last = xt::view(logits, 0, logits.shape()[1] - 1, xt::all());
-    return std::int64_t(xt::argmax(last)());
-  }
-
   Config config_;
   Peft peft_;
   Linear<T, Backend> head_;      // lm_head [V, D]
   Parameter<T, Backend> embed_;  // [V, D]
-  std::shared_ptr<const RopeTable<T>> rope_;
+  std::shared_ptr<const typename Attention::Rope> rope_;
   std::vector<Block> blocks_;
   Parameter<T, Backend> norm_;   // [D]
   bool training_ = true;

@@ -469,9 +469,10 @@ class LlavaMole {
     c.expert_counts.assign(c.routing.size(), std::vector<std::size_t>(K, 0));
     const IndexTensor no_groups = empty<std::int32_t>({0});
     for (std::size_t l = 0; l < c.routing.size(); ++l) {
-      std::vector<double> counts(K, 0.0), prob_sums(K, 0.0), tokens(1, 0.0);
-      accumulate_expert_usage(*c.routing[l], no_groups, c.tokens.mask, 1, counts, prob_sums, tokens);
-      for (std::size_t j = 0; j < K; ++j) c.expert_counts[l][j] = std::size_t(counts[j]);
+      const auto& r = *c.routing[l];
+      ExpertTally t{K, {0.0}, std::vector<double>(K, 0.0), std::vector<double>(K, 0.0)};
+      tally_experts("LlavaMole::expert_counts", r.probs, r.experts, r.k, c.tokens.mask, no_groups, t);
+      for (std::size_t j = 0; j < K; ++j) c.expert_counts[l][j] = std::size_t(t.count[j]);
     }
   }
 

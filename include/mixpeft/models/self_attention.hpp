@@ -16,6 +16,8 @@
 // Parameter names (Hugging Face): "<q>.weight" ... with the projection names given in the Config
 // (LLaMA: q_proj, k_proj, v_proj, o_proj; CLIP: q_proj, k_proj, v_proj, out_proj).
 // Shapes: x, y [B, T, D]; D = H * dh; KV cache k, v [B, L, D] (L tokens cached).
+// Backends: device-generic (the projections, rope_*, attention_*, append_tokens and add_to are op calls; the rope
+// table and the attention cache are the backend's types: Backend::rope_table<T>, Backend::attention_cache<T>).
 #pragma once
 
 #include <array>
@@ -24,8 +26,6 @@
 #include <string>
 #include <variant>
 #include <vector>
-
-#include <xtensor/xbuilder.hpp>
 
 #include "mixpeft/core/backend.hpp"
 #include "mixpeft/core/error.hpp"
@@ -118,6 +118,7 @@ class SelfAttention {
  public:
   using Tensor = typename Backend::template tensor<T>;
   using AdapterConfig = typename LoRALinear<T, Backend>::AdapterConfig;
+  using Rope = typename Backend::template rope_table<T>;
 
   struct Config {
     std::size_t dim = 0;
@@ -132,7 +133,7 @@ class SelfAttention {
   struct Cache {
     std::array<typename Projection<T, Backend>::Cache, 4> proj;  // q, k, v, o
     Tensor q, k, v, o;                                             // [B, T, D] (q, k rotated)
-    AttentionCache<T> attention;
+    typename Backend::template attention_cache<T> attention;
     Tensor dq, dk, dv;                                             // backward workspace
   };
 
@@ -142,7 +143,7 @@ class SelfAttention {
   };
 
   // rope: the rotary table (LLaMA), or null for none (ViT).
-  SelfAttention(const Config& config, std::shared_ptr<const RopeTable<T>> rope, Rng& rng)
+  SelfAttention(const Config& config, std::shared_ptr<const Rope> rope, Rng& rng)
       : config_(validated(config)), rope_(std::move(rope)) {
     require<ConfigError>(!rope_ || rope_->head_dim == config.dim / config.heads, "SelfAttention: the rope table's ",
                          "head_dim ", rope_ ? rope_->head_dim : 0, " differs from dim / heads = ",
@@ -200,8 +201,8 @@ class SelfAttention {
       kv.k = std::move(k);
       kv.v = std::move(v);
     } else {
-      kv.k = xt::concatenate(xt::xtuple(kv.k, k), 1);
-      kv.v = xt::concatenate(xt::xtuple(kv.v, v), 1);
+      append_tokens(kv.k, k);
+      append_tokens(kv.v, v);
     }
     attention_forward(q, kv.k, kv.v, config_.heads, mask, scratch.o, scratch.attention);
     return proj(3).forward(scratch.o, scratch.proj[3]);
@@ -233,7 +234,7 @@ class SelfAttention {
   Projection<T, Backend>& proj(std::size_t i) { return proj_[i]; }
 
   Config config_;
-  std::shared_ptr<const RopeTable<T>> rope_;
+  std::shared_ptr<const Rope> rope_;
   std::vector<Projection<T, Backend>> proj_;  // q, k, v, o
 };
 

@@ -36,6 +36,11 @@
 // The patch weight is stored flattened as [D, C P P]; Hugging Face's conv weight [D, C, P, P] has the same
 // row-major bytes (hf_weights.hpp reshapes it).
 // Shapes: images [B, C, S, S] (S = image_size), N = Np + 1 tokens, D width, hidden [B, N, D], cls [B, n_taken, D].
+// Backends: device-generic. ClipVit<T, Cuda> runs this code unchanged on device tensors: patchify / unpatchify
+// (ops/patchify.hpp), the embeddings' class_token_forward / _backward (ops/class_token.hpp), the taken tokens'
+// copy_token_row / add_token_row (ops/token_rows.hpp), layernorm_*, quick_gelu_*, the layers, assign and add_to
+// are op calls with CUDA overloads (cuda/*.cuh). Weights are drawn on the host with the CPU model's Rng sequence
+// (in accumulator_t<T>) and handed over with Backend::from_host, so both backends hold the same model for one seed.
 #pragma once
 
 #include <cmath>
@@ -43,12 +48,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <xtensor/xbroadcast.hpp>
-#include <xtensor/xmanipulation.hpp>
-#include <xtensor/xreducer.hpp>
-#include <xtensor/xstrided_view.hpp>
-#include <xtensor/xview.hpp>
 
 #include "mixpeft/core/backend.hpp"
 #include "mixpeft/core/error.hpp"
@@ -63,27 +62,13 @@
 #include "mixpeft/models/self_attention.hpp"
 #include "mixpeft/ops/activations.hpp"
 #include "mixpeft/ops/attention.hpp"
+#include "mixpeft/ops/class_token.hpp"
+#include "mixpeft/ops/elementwise.hpp"
 #include "mixpeft/ops/layernorm.hpp"
+#include "mixpeft/ops/patchify.hpp"
+#include "mixpeft/ops/token_rows.hpp"
 
 namespace mixpeft {
-
-// images [B, C, Hp P, Wp P] -> patches [B, Hp Wp, C P P] (patch (i, j) at row i Wp + j, pixels in (c, y, x) order).
-template <class T>
-Tensor<T> patchify(const Tensor<T>& images, std::size_t p) {
-  const std::size_t b = images.shape()[0], c = images.shape()[1], hp = images.shape()[2] / p,
-                    wp = images.shape()[3] / p;
-  Tensor<T> out = xt::transpose(xt::reshape_view(images, Shape{b, c, hp, p, wp, p}), {0, 2, 4, 1, 3, 5});
-  out.reshape({b, hp * wp, c * p * p});
-  return out;
-}
-// The adjoint (and inverse) of patchify: [B, Hp Wp, C P P] -> [B, C, Hp P, Wp P].
-template <class T>
-Tensor<T> unpatchify(const Tensor<T>& patches, const Shape& image_shape, std::size_t p) {
-  const std::size_t b = image_shape[0], c = image_shape[1], hp = image_shape[2] / p, wp = image_shape[3] / p;
-  Tensor<T> out = xt::transpose(xt::reshape_view(patches, Shape{b, hp, wp, c, p, p}), {0, 3, 1, 4, 2, 5});
-  out.reshape(image_shape);
-  return out;
-}
 
 // Which of a ViT block's linear layers carry a LoRA adapter: the attention projections (as LoRATargets) and the
 // MLP's fc1 and fc2.
@@ -93,26 +78,30 @@ struct VitLoRATargets {
   LoRATargets attention() const { return {.q = q, .k = k, .v = v, .o = o}; }
 };
 
+// The ViT's architecture (ClipVit<T, Backend>::Config on every T and backend).
+struct ClipVitConfig {
+  std::size_t image_size = 0;
+  std::size_t patch = 0;
+  std::size_t channels = 3;
+  std::size_t dim = 0;
+  std::size_t n_layers = 0;
+  std::size_t n_heads = 0;
+  std::size_t mlp_dim = 0;
+  double layer_norm_eps = 1e-5;
+  std::size_t take_every = 4;  // [cls] after every take_every-th block; must divide n_layers
+  bool norm_taken = false;     // pass the taken [cls] tokens through post_layernorm
+};
+
 template <class T, class Backend = Cpu>
 class ClipVit {
  public:
   using Tensor = typename Backend::template tensor<T>;
+  using HostTensor = ::mixpeft::Tensor<accumulator_t<T>>;  // initial values, drawn on the host
   using Attention = SelfAttention<T, Backend>;
   using Adapter = MMAdapter<T, Backend>;
   using Mlp = Projection<T, Backend>;  // fc1 / fc2: a Linear, or a LoRALinear when targeted
 
-  struct Config {
-    std::size_t image_size = 0;
-    std::size_t patch = 0;
-    std::size_t channels = 3;
-    std::size_t dim = 0;
-    std::size_t n_layers = 0;
-    std::size_t n_heads = 0;
-    std::size_t mlp_dim = 0;
-    double layer_norm_eps = 1e-5;
-    std::size_t take_every = 4;  // [cls] after every take_every-th block; must divide n_layers
-    bool norm_taken = false;     // pass the taken [cls] tokens through post_layernorm
-  };
+  using Config = ClipVitConfig;
 
   struct Peft {
     std::optional<typename Adapter::Config> mm_adapter{};  // one before attention in every block; dim from the model
@@ -156,11 +145,13 @@ class ClipVit {
                rng) {
     const bool trainable = base_trainable(peft);
     const std::size_t d = config.dim;
-    Tensor cls = empty<T>({d}), pos = empty<T>({num_tokens(), d});
+    HostTensor cls = empty<accumulator_t<T>>({d}), pos = empty<accumulator_t<T>>({num_tokens(), d});
     init::normal(cls, rng, 0.0, 0.02);
     init::normal(pos, rng, 0.0, 0.02);
-    class_embedding_ = Parameter<T, Backend>("class_embedding", std::move(cls), trainable, false);
-    position_embedding_ = Parameter<T, Backend>("position_embedding.weight", std::move(pos), trainable, false);
+    class_embedding_ =
+        Parameter<T, Backend>("class_embedding", Backend::template from_host<T>(std::move(cls)), trainable, false);
+    position_embedding_ = Parameter<T, Backend>("position_embedding.weight",
+                                                Backend::template from_host<T>(std::move(pos)), trainable, false);
     pre_ln_ = norm_pair(d, trainable);
     post_ln_ = norm_pair(d, trainable);
     typename Adapter::Config mm = peft.mm_adapter.value_or(typename Adapter::Config{});
@@ -192,10 +183,7 @@ class ClipVit {
     const std::size_t nb = images.shape()[0];
     cache.image_shape = shape_of(images);
     const Tensor e = patch_.forward(patchify(images, config_.patch), cache.patch);  // [B, Np, D]
-    resize_to(cache.emb, Shape{nb, num_tokens(), d});
-    xt::view(cache.emb, xt::all(), 0, xt::all()) = xt::broadcast(class_embedding_.value, Shape{nb, d});
-    xt::view(cache.emb, xt::all(), xt::range(1, num_tokens()), xt::all()) = e;
-    cache.emb += position_embedding_.value;
+    class_token_forward(class_embedding_.value, e, position_embedding_.value, cache.emb);  // [cls; e] + pos
     Tensor x;
     layernorm_forward(cache.emb, pre_ln_.weight.value, pre_ln_.bias.value, config_.layer_norm_eps, x, cache.mean0,
                       cache.rstd0);
@@ -204,12 +192,14 @@ class ClipVit {
     resize_to(cache.cls_raw, Shape{nb, num_taken(), d});
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       x = block_forward(blocks_[i], x, cache.blocks[i]);
-      if (taken(i)) xt::view(cache.cls_raw, xt::all(), taken_index(i), xt::all()) = xt::view(x, xt::all(), 0, xt::all());
+      if (taken(i)) copy_token_row(x, 0, cache.cls_raw, taken_index(i));
     }
-    Output out{std::move(x), cache.cls_raw};
+    Output out{std::move(x), Tensor{}};
     if (config_.norm_taken)
       layernorm_forward(cache.cls_raw, post_ln_.weight.value, post_ln_.bias.value, config_.layer_norm_eps, out.cls,
                         cache.cls_mean, cache.cls_rstd);
+    else
+      assign(out.cls, cache.cls_raw);
     return out;
   }
 
@@ -220,27 +210,29 @@ class ClipVit {
     const std::size_t nb = cache.image_shape[0], d = config_.dim;
     const bool has_hidden = detail::present(d_hidden), has_cls = detail::present(d_cls);
     if (has_hidden) expect_shape("ClipVit::backward", "d_hidden", d_hidden, {nb, num_tokens(), d});
-    Tensor d_raw;  // [B, n_taken, D] gradient on the taken tokens before post_layernorm
+    Tensor d_normed;  // [B, n_taken, D] gradient on the taken tokens before post_layernorm (when normed)
+    const Tensor* d_raw = &d_cls;
     if (has_cls) {
       expect_shape("ClipVit::backward", "d_cls", d_cls, {nb, num_taken(), d});
-      if (config_.norm_taken)
-        layernorm_backward(cache.cls_raw, post_ln_.weight.value, cache.cls_mean, cache.cls_rstd, d_cls, d_raw,
+      if (config_.norm_taken) {
+        layernorm_backward(cache.cls_raw, post_ln_.weight.value, cache.cls_mean, cache.cls_rstd, d_cls, d_normed,
                            grad_of(post_ln_.weight), grad_of(post_ln_.bias));
-      else
-        d_raw = d_cls;
+        d_raw = &d_normed;
+      }
     }
-    Tensor empty_result = empty<T>({0});
+    Tensor empty_result = Backend::template zeros<T>(Shape{0});
     // Blocks above the highest gradient source get none; blocks below the lowest trainable one need none.
     std::size_t top = blocks_.size();
     if (!has_hidden) top = has_cls ? (num_taken() * config_.take_every) : 0;
     const bool to_embeddings = images_grad || embeddings_trainable();
     const std::size_t bottom = to_embeddings ? 0 : lowest_trainable_block();
-    if (top <= bottom) return images_grad ? zeros<T>(cache.image_shape) : empty_result;
+    if (top <= bottom) return images_grad ? Backend::template zeros<T>(cache.image_shape) : std::move(empty_result);
 
-    Tensor dx = has_hidden ? d_hidden : zeros<T>({nb, num_tokens(), d});
+    Tensor dx;
+    if (has_hidden) assign(dx, d_hidden);
+    else dx = Backend::template zeros<T>(Shape{nb, num_tokens(), d});
     for (std::size_t i = top; i-- > bottom;) {
-      if (has_cls && taken(i))
-        xt::view(dx, xt::all(), 0, xt::all()) += xt::view(d_raw, xt::all(), taken_index(i), xt::all());
+      if (has_cls && taken(i)) add_token_row(*d_raw, taken_index(i), dx, 0);
       dx = block_backward(blocks_[i], cache.blocks[i], dx);
     }
     if (!to_embeddings) return empty_result;
@@ -248,12 +240,13 @@ class ClipVit {
     Tensor d_emb;
     layernorm_backward(cache.emb, pre_ln_.weight.value, cache.mean0, cache.rstd0, dx, d_emb,
                        grad_of(pre_ln_.weight), grad_of(pre_ln_.bias));
-    if (position_embedding_.trainable) position_embedding_.grad += xt::sum(d_emb, {0});
-    if (class_embedding_.trainable) class_embedding_.grad += xt::sum(xt::view(d_emb, xt::all(), 0, xt::all()), {0});
-    if (!images_grad && !patch_.weight().trainable) return empty_result;
-    const Tensor d_e = xt::view(d_emb, xt::all(), xt::range(1, num_tokens()), xt::all());
+    const bool to_patches = images_grad || patch_.weight().trainable;
+    Tensor d_e;  // [B, Np, D]
+    class_token_backward(d_emb, grad_of(class_embedding_), grad_of(position_embedding_), to_patches ? &d_e : nullptr);
+    if (!to_patches) return empty_result;
     const Tensor d_patches = patch_.backward(cache.patch, d_e);
-    return images_grad ? unpatchify(d_patches, cache.image_shape, config_.patch) : empty_result;
+    if (!images_grad) return empty_result;
+    return unpatchify(d_patches, cache.image_shape, config_.patch);
   }
 
   void collect_parameters(ParameterList<T, Backend>& list, const std::string& prefix = "") {
@@ -325,10 +318,10 @@ class ClipVit {
   static Tensor* grad_of(Parameter<T, Backend>& p) { return p.trainable ? &p.grad : nullptr; }
 
   static Norm norm_pair(std::size_t d, bool trainable) {
-    Tensor w = empty<T>({d});
-    init::constant(w, T(1));
-    return {Parameter<T, Backend>("weight", std::move(w), trainable, false),
-            Parameter<T, Backend>("bias", zeros<T>({d}), trainable, false)};
+    HostTensor w = empty<accumulator_t<T>>({d});
+    init::constant(w, accumulator_t<T>(1));
+    return {Parameter<T, Backend>("weight", Backend::template from_host<T>(std::move(w)), trainable, false),
+            Parameter<T, Backend>("bias", Backend::template zeros<T>(Shape{d}), trainable, false)};
   }
 
   bool taken(std::size_t i) const { return config_.take_every && (i + 1) % config_.take_every == 0; }
@@ -350,7 +343,7 @@ class ClipVit {
 
   Tensor block_forward(Block& b, const Tensor& x, BlockCache& c) {
     const double eps = config_.layer_norm_eps;
-    c.x = x;
+    assign(c.x, x);
     Tensor h;
     layernorm_forward(x, b.ln1.weight.value, b.ln1.bias.value, eps, h, c.mean1, c.rstd1);
     if (b.adapter) h = b.adapter->forward(h, first_token(h), c.adapter);

@@ -9,6 +9,7 @@
 //              dS = P * (dP - rowsum(dP * P))          (softmax backward; 0 wherever P is 0)
 //              dQ = scale * dS K,   dK = scale * dS^T Q
 // dq, dk, dv are written. q, k, v are the caller's projected (and RoPE-rotated) activations.
+// append_tokens(kv, x) grows a KV cache [B, L, D] by the new tokens x [B, t, D] (cuda/attention.cuh has both ops).
 //
 // Mask: query i sits at absolute position p = Tk - Tq + i (Tq == Tk: self-attention; Tq = 1 with a longer Tk:
 // KV-cache decoding). Key j is allowed for query i when all of these hold:
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstddef>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "mixpeft/core/error.hpp"
@@ -209,6 +211,25 @@ void attention_backward(const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>&
       dK.topRows(n).noalias() += scale * dSb.transpose() * Q.middleRows(r, m);
     }
   });
+}
+
+// The KV cache's append: kv [B, L, D] becomes [B, L + t, D] with x [B, t, D] after each sequence's L tokens
+// (kv empty: kv = x). One copy of the cache per call (O(L) per decoded token).
+template <class T>
+void append_tokens(Tensor<T>& kv, const Tensor<T>& x) {
+  expect_shape("append_tokens", "x", x, {any_extent, any_extent, any_extent});
+  if (kv.dimension() != 3 || kv.size() == 0) {
+    kv = x;
+    return;
+  }
+  expect_shape("append_tokens", "kv", kv, {x.shape()[0], any_extent, x.shape()[2]});
+  const std::size_t b = x.shape()[0], l = kv.shape()[1], t = x.shape()[1], d = x.shape()[2];
+  Tensor<T> out = empty<T>({b, l + t, d});
+  for (std::size_t i = 0; i < b; ++i) {
+    std::copy(kv.data() + i * l * d, kv.data() + (i + 1) * l * d, out.data() + i * (l + t) * d);
+    std::copy(x.data() + i * t * d, x.data() + (i + 1) * t * d, out.data() + i * (l + t) * d + l * d);
+  }
+  kv = std::move(out);
 }
 
 }  // namespace mixpeft

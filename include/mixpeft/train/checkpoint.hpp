@@ -438,8 +438,9 @@ inline std::optional<LoraFactor> lora_factor(const std::string& name) {
   }
   return std::nullopt;
 }
-// The rank of a LoRA factor: A is [r, in], B is [out, r]; 0 when it is not a matrix.
+// The rank of a LoRA factor: A is [r, in], B is [out, r], stacked experts [K, r, in] and [K, out, r]; 0 otherwise.
 inline std::size_t factor_rank(const Shape& shape, bool is_a) {
+  if (shape.size() == 3) return shape[is_a ? 1 : 2];
   return shape.size() == 2 ? shape[is_a ? 0 : 1] : 0;
 }
 inline std::string last_component(const std::string& module) {
