@@ -80,4 +80,28 @@ TEST(TokenRows, TypedErrors) {
   }
 }
 
+TEST(TokenRows, BlockCopyAndZeroTouchOnlyTheirRows) {
+  Rng rng(5);
+  const Tensor<double> src = random_tensor<double>({2, 6, D}, rng), before = random_tensor<double>({3, 9, D}, rng);
+  Tensor<double> dst = before;
+  copy_token_block(src, 1, 2, dst, 2, 4, 3);  // src[1, 2:5] -> dst[2, 4:7]
+  for (std::size_t b = 0; b < 3; ++b)
+    for (std::size_t t = 0; t < 9; ++t)
+      for (std::size_t j = 0; j < D; ++j) {
+        const bool in = b == 2 && t >= 4 && t < 7;
+        EXPECT_EQ(dst(b, t, j), in ? src(1, t - 2, j) : before(b, t, j));
+      }
+  zero_token_block(dst, 0, 8, 1);
+  for (std::size_t j = 0; j < D; ++j) EXPECT_EQ(dst(0, 8, j), 0.0);
+  EXPECT_EQ(dst(0, 7, 0), before(0, 7, 0));
+  copy_token_block(src, 0, 0, dst, 0, 0, 0);  // nothing
+  EXPECT_EQ(dst(0, 0, 0), before(0, 0, 0));
+  EXPECT_THROW(copy_token_block(src, 2, 0, dst, 0, 0, 1), ShapeError);  // no sequence 2 in src
+  EXPECT_THROW(copy_token_block(src, 0, 4, dst, 0, 0, 3), ShapeError);  // rows 4..7 of 6
+  EXPECT_THROW(copy_token_block(src, 0, 0, dst, 0, 7, 3), ShapeError);  // rows 7..10 of 9
+  Tensor<double> narrow = zeros<double>({3, 9, D - 1});
+  EXPECT_THROW(copy_token_block(src, 0, 0, narrow, 0, 0, 1), ShapeError);
+  EXPECT_THROW(zero_token_block(dst, 3, 0, 1), ShapeError);
+}
+
 }  // namespace

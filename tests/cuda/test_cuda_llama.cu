@@ -22,13 +22,18 @@ using GpuModel = Llama<float, Cuda>;
 
 template <class Model>
 Model build(bool peft_on, std::uint64_t seed) {
-  typename Model::Config config{.vocab = 50, .dim = 32, .n_layers = 2, .n_heads = 4, .ffn_dim = 48, .max_seq = 40};
+  // Fields are set one by one: nvcc can lose the designators of a braced list assigned to a dependent type.
+  typename Model::Config config;
+  config.vocab = 50, config.dim = 32, config.n_layers = 2, config.n_heads = 4, config.ffn_dim = 48;
+  config.max_seq = 40;
   typename Model::Peft peft;
   if (peft_on) {
-    peft.lora_targets = {.q = true, .v = true};
-    peft.lora = {.rank = 4, .alpha = 8.0, .dropout = 0.1};
+    peft.lora_targets = LoRATargets{.q = true, .v = true};
+    peft.lora.rank = 4, peft.lora.alpha = 8.0, peft.lora.dropout = 0.1;
     peft.ffn = LoRAExpertsConfig{.experts = 3, .rank = 2, .alpha = 4.0, .dropout = 0.05};
-    peft.mm_adapter = typename Model::Adapter::Config{.hidden = 4, .groups = 2, .dropout = 0.1};
+    typename Model::Adapter::Config a;
+    a.hidden = 4, a.groups = 2, a.dropout = 0.1;
+    peft.mm_adapter = a;
     peft.mm_adapter_ffn = true;
   }
   Rng rng(seed);

@@ -59,6 +59,21 @@ TYPED_TEST(CudaVitOpsTest, TokenRowsMatchCpu) {
   EXPECT_TRUE(agrees(get(acc.dev), want_acc, tolerance<T>));
 }
 
+TYPED_TEST(CudaVitOpsTest, TokenBlocksMatchCpu) {
+  using T = TypeParam;
+  Rng rng(4);
+  const auto src = random_on_device<T>({2, 6, 40}, rng);
+  auto dst = random_on_device<T>({3, 9, 40}, rng);
+  Tensor<double> want = dst.host;
+  copy_token_block(src.dev, 1, 2, dst.dev, 2, 4, 3);
+  copy_token_block(src.host, 1, 2, want, 2, 4, 3);
+  zero_token_block(dst.dev, 0, 5, 4);
+  zero_token_block(want, 0, 5, 4);
+  EXPECT_EQ(get(dst.dev), want);
+  EXPECT_THROW(copy_token_block(src.dev, 0, 4, dst.dev, 0, 0, 3), ShapeError);
+  EXPECT_THROW(zero_token_block(dst.dev, 3, 0, 1), ShapeError);
+}
+
 TYPED_TEST(CudaVitOpsTest, ClassTokenMatchesCpu) {
   using T = TypeParam;
   Rng rng(3);
@@ -116,8 +131,9 @@ Model build(bool peft_on, bool norm_taken, std::uint64_t seed) {
   if (peft_on) {
     peft.mm_adapter = typename Model::Adapter::Config{.hidden = 4, .groups = 2, .scale = 0.9, .dropout = 0.1,
                                                       .temperature = 3.0};
-    peft.lora_targets = {.q = true, .v = true, .fc1 = true};
-    peft.lora = {.rank = 4, .alpha = 8.0, .dropout = 0.1};
+    // Named types, not bare braced lists: nvcc can lose the designators of a list assigned to a dependent member.
+    peft.lora_targets = VitLoRATargets{.q = true, .v = true, .fc1 = true};
+    peft.lora.rank = 4, peft.lora.alpha = 8.0, peft.lora.dropout = 0.1;
   }
   Rng rng(seed);
   return Model(vit_config(norm_taken), peft, rng);

@@ -27,7 +27,6 @@
 #include "mixpeft/cuda/grouped_projection.cuh"
 #include "mixpeft/cuda/layernorm.cuh"
 #include "mixpeft/cuda/matmul.cuh"
-#include "mixpeft/cuda/modality_routing.cuh"
 #include "mixpeft/cuda/patchify.cuh"
 #include "mixpeft/cuda/rmsnorm.cuh"
 #include "mixpeft/cuda/rope.cuh"

@@ -3,12 +3,14 @@
 //                                                                                   (cudaMemcpy2DAsync)
 //   add_token_row(src, slot, dst, token):    dst[:, token, :] += src[:, slot, :]    one element-wise kernel over
 //                                                                                   the B x D entries
+//   copy_token_block / zero_token_block: one contiguous device copy / memset (a sequence's rows are contiguous)
 // Shapes and errors as on the CPU: src, dst [B, *, D]; dst keeps its shape.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <string_view>
 
 #include "mixpeft/core/error.hpp"
 #include "mixpeft/cuda/device_tensor.cuh"
@@ -54,6 +56,32 @@ void add_token_row(const DeviceTensor<T>& src, std::size_t slot, DeviceTensor<T>
   detail::add_token_row_kernel<<<grid_size(b * d, block), block, 0, current_stream()>>>(
       src.data() + slot * d, ns * d, dst.data() + token * d, nd * d, b, d);
   check_launch("add_token_row");
+}
+
+// dst[dst_seq, dst_start + i, :] = src[src_seq, src_start + i, :] for i < n.
+template <class T>
+void copy_token_block(const DeviceTensor<T>& src, std::size_t src_seq, std::size_t src_start, DeviceTensor<T>& dst,
+                      std::size_t dst_seq, std::size_t dst_start, std::size_t n) {
+  constexpr std::string_view op = "copy_token_block";
+  mixpeft::detail::check_token_block(op, "src", src, src_seq, src_start, n);
+  mixpeft::detail::check_token_block(op, "dst", dst, dst_seq, dst_start, n);
+  require<ShapeError>(src.shape()[2] == dst.shape()[2], op, ": src has shape ", shape_string(src.shape()),
+                      " but dst has shape ", shape_string(dst.shape()));
+  const std::size_t d = dst.shape()[2];
+  if (n * d == 0) return;
+  MIXPEFT_CUDA_CHECK(cudaMemcpyAsync(dst.data() + (dst_seq * dst.shape()[1] + dst_start) * d,
+                                     src.data() + (src_seq * src.shape()[1] + src_start) * d, n * d * sizeof(T),
+                                     cudaMemcpyDeviceToDevice, current_stream()));
+}
+
+// dst[seq, start + i, :] = 0 for i < n.
+template <class T>
+void zero_token_block(DeviceTensor<T>& dst, std::size_t seq, std::size_t start, std::size_t n) {
+  mixpeft::detail::check_token_block("zero_token_block", "dst", dst, seq, start, n);
+  const std::size_t d = dst.shape()[2];
+  if (n * d == 0) return;
+  MIXPEFT_CUDA_CHECK(cudaMemsetAsync(dst.data() + (seq * dst.shape()[1] + start) * d, 0, n * d * sizeof(T),
+                                     current_stream()));
 }
 
 }  // namespace mixpeft::cuda

@@ -26,6 +26,10 @@
 // "modality_embedding.weight" ([2, D]: row 0 text-only, row 1 image+text).
 // Shapes: B sequences, T positions, D LLM width, Dv ViT width, Hn neck width, n visual tokens per image,
 // Ni images in the batch (one per image+text sample), V vocabulary; ids, labels [B, T] int64.
+// Backends: device-generic. Lavin<T, Cuda> runs this code on device tensors: t_m and the visual tokens enter
+// the sequence through embedding_forward and the token-row ops (ops/token_rows.hpp), and leave it the same way
+// in backward. Ids, labels and the samples' images stay on the host (make_batch uploads the images); weights are
+// drawn on the host with the CPU model's Rng sequence, so both backends build the same model from one seed.
 #pragma once
 
 #include <algorithm>
@@ -52,6 +56,8 @@
 #include "mixpeft/ops/activations.hpp"
 #include "mixpeft/ops/attention.hpp"
 #include "mixpeft/ops/cross_entropy.hpp"
+#include "mixpeft/ops/embedding.hpp"
+#include "mixpeft/ops/token_rows.hpp"
 
 namespace mixpeft {
 
@@ -76,7 +82,8 @@ template <class T, class Backend = Cpu>
 class Lavin {
  public:
   using Tensor = typename Backend::template tensor<T>;
-  using IdTensor = typename Backend::template tensor<std::int64_t>;
+  using HostTensor = ::mixpeft::Tensor<accumulator_t<T>>;  // images as samples hold them, initial weights
+  using IdTensor = ::mixpeft::Tensor<std::int64_t>;        // token ids stay on the host on every backend
   using LLM = Llama<T, Backend>;
   using ViT = ClipVit<T, Backend>;
   using Adapter = MMAdapter<T, Backend>;
@@ -104,7 +111,7 @@ class Lavin {
   // One example before collation; the sequence is [t_m, BOS, prefix, (visual tokens), prompt, answer].
   struct Sample {
     std::vector<std::int64_t> prefix, prompt, answer;
-    std::optional<Tensor> image;  // [C, S, S]; absent: text-only
+    std::optional<HostTensor> image;  // [C, S, S] on the host; absent: text-only
   };
 
   struct Cache {
@@ -118,7 +125,7 @@ class Lavin {
     typename LLM::Cache llm;
     Tensor logits;                                             // [B, T, V]
     IdTensor targets;                                          // [B, T] labels shifted left by one
-    CrossEntropyCache<T> ce;
+    typename Backend::template cross_entropy_cache<T> ce;
   };
 
   // What a training step reports (the Trainer reads loss and tokens).
@@ -134,13 +141,16 @@ class Lavin {
         llm_(config.llm, llm_peft(config), rng),
         fc1_({.in = config.vit.dim, .out = config.neck_hidden, .bias = true}, rng),
         fc2_({.in = config.neck_hidden, .out = config.llm.dim, .bias = true}, rng) {
-    for (Linear<T, Backend>* fc : {&fc1_, &fc2_}) {
-      init::xavier_uniform(fc->weight().value, rng);
-      init::zeros(fc->bias().value);
+    for (Linear<T, Backend>* fc : {&fc1_, &fc2_}) {  // LaVIN's neck init, drawn on the host
+      HostTensor w = empty<accumulator_t<T>>(shape_of(fc->weight().value));
+      init::xavier_uniform(w, rng);
+      fc->weight().value = Backend::template from_host<T>(std::move(w));
+      set_zero(fc->bias().value);
     }
-    Tensor table = empty<T>({2, config.llm.dim});
+    HostTensor table = empty<accumulator_t<T>>({2, config.llm.dim});
     init::normal(table, rng);
-    modality_ = Parameter<T, Backend>("modality_embedding.weight", std::move(table), true);
+    modality_ = Parameter<T, Backend>("modality_embedding.weight", Backend::template from_host<T>(std::move(table)),
+                                      true);
   }
 
   // ---- batches --------------------------------------------------------------------------------------------
@@ -165,7 +175,8 @@ class Lavin {
     batch.ids.fill(config_.pad_id);
     batch.labels = empty<std::int64_t>({nb, longest});
     batch.labels.fill(default_ignore_index);
-    batch.images = empty<T>(images ? Shape{images, vc.channels, vc.image_size, vc.image_size} : Shape{0});
+    HostTensor pixels =
+        empty<accumulator_t<T>>(images ? Shape{images, vc.channels, vc.image_size, vc.image_size} : Shape{0});
     std::size_t image = 0;
     for (std::size_t b = 0; b < nb; ++b) {
       const Sample& s = samples[b];
@@ -181,7 +192,7 @@ class Lavin {
       put(s.prefix, false);
       if (s.image) {
         batch.visual_start.push_back(t);
-        xt::view(batch.images, image++, xt::all(), xt::all(), xt::all()) = *s.image;
+        std::copy(s.image->data(), s.image->data() + s.image->size(), pixels.data() + image++ * s.image->size());
         t += n;
       } else {
         batch.visual_start.push_back(std::nullopt);
@@ -189,6 +200,7 @@ class Lavin {
       put(s.prompt, false);
       put(s.answer, true);
     }
+    batch.images = Backend::template from_host<T>(std::move(pixels));
     return batch;
   }
 
@@ -228,8 +240,8 @@ class Lavin {
 
   // Routing weights [B, 2] of every LLM block's adapter before attention in the last forward.
   std::vector<Tensor> routing_weights(const Cache& c) const {
-    std::vector<Tensor> out;
-    for (const auto& block : c.llm.blocks) out.push_back(block.adapter_attn.weights);
+    std::vector<Tensor> out(c.llm.blocks.size());
+    for (std::size_t i = 0; i < out.size(); ++i) assign(out[i], c.llm.blocks[i].adapter_attn.weights);
     return out;
   }
 
@@ -334,6 +346,13 @@ class Lavin {
   }
   static std::size_t numel(const ParameterList<T, Backend>& list) { return count_parameters(list, false); }
 
+  // [B, 1] the t_m row of each sequence (1: it has an image).
+  static IdTensor modality_ids(const Cache& c) {
+    IdTensor ids = empty<std::int64_t>({c.modality.size(), 1});
+    for (std::size_t b = 0; b < c.modality.size(); ++b) ids.data()[b] = std::int64_t(c.modality[b]);
+    return ids;
+  }
+
   // targets[b, t] = labels[b, t + 1] (the next token's label), ignore_index at the last position.
   static void shift_labels(const IdTensor& labels, IdTensor& targets) {
     resize_to(targets, shape_of(labels));
@@ -390,8 +409,10 @@ class Lavin {
         c.modality[b] = 1;
         c.visual.emplace_back(b, *batch.visual_start[b]);
       }
-      xt::view(x, b, 0, xt::all()) = xt::view(modality_.value, c.modality[b], xt::all());
     }
+    Tensor tm;  // [B, 1, D] each sequence's t_m, placed at position 0
+    embedding_forward(modality_ids(c), modality_.value, tm);
+    copy_token_row(tm, 0, x, 0);
     if (c.visual.empty()) return x;
     const Tensor cls = vit_.forward(batch.images, c.vit).cls;  // [Ni, n, Dv]
     c.neck_pre = fc1_.forward(cls, c.fc1);
@@ -400,7 +421,7 @@ class Lavin {
     const Tensor v = fc2_.forward(act, c.fc2);                 // [Ni, n, D]
     for (std::size_t i = 0; i < c.visual.size(); ++i) {
       const auto [b, s] = c.visual[i];
-      xt::view(x, b, xt::range(s, s + n), xt::all()) = xt::view(v, i, xt::all(), xt::all());
+      copy_token_block(v, i, 0, x, b, s, n);
     }
     return x;
   }
@@ -409,24 +430,28 @@ class Lavin {
   void embeddings_backward(Cache& c, Tensor dx, Tensor* images_grad) {
     const std::size_t n = num_visual_tokens();
     if (images_grad && c.visual.empty()) resize_to(*images_grad, Shape{0});
-    if (modality_.trainable)
-      for (std::size_t b = 0; b < c.modality.size(); ++b)
-        xt::view(modality_.grad, c.modality[b], xt::all()) += xt::view(dx, b, 0, xt::all());
+    if (modality_.trainable) {
+      Tensor d_tm;  // [B, 1, D]
+      resize_to(d_tm, Shape{c.modality.size(), 1, config_.llm.dim});
+      copy_token_row(dx, 0, d_tm, 0);
+      embedding_backward(modality_ids(c), d_tm, &modality_.grad);
+    }
     if (!c.visual.empty()) {
-      Tensor dv = empty<T>({c.visual.size(), n, config_.llm.dim});
+      Tensor dv;
+      resize_to(dv, Shape{c.visual.size(), n, config_.llm.dim});
       for (std::size_t i = 0; i < c.visual.size(); ++i) {
         const auto [b, s] = c.visual[i];
-        xt::view(dv, i, xt::all(), xt::all()) = xt::view(dx, b, xt::range(s, s + n), xt::all());
+        copy_token_block(dx, b, s, dv, i, 0, n);
       }
       const Tensor d_act = fc2_.backward(c.fc2, dv);
       Tensor d_pre;
       silu_backward(c.neck_pre, d_act, d_pre);
-      Tensor d_images = vit_.backward(c.vit, empty<T>({0}), fc1_.backward(c.fc1, d_pre), images_grad != nullptr);
+      Tensor d_images = vit_.backward(c.vit, Tensor{}, fc1_.backward(c.fc1, d_pre), images_grad != nullptr);
       if (images_grad) *images_grad = std::move(d_images);
     }
     if (llm_.embed_tokens().trainable) {  // positions that do not hold token embeddings pass nothing to the table
-      for (std::size_t b = 0; b < c.modality.size(); ++b) xt::view(dx, b, 0, xt::all()) = T(0);
-      for (const auto& [b, s] : c.visual) xt::view(dx, b, xt::range(s, s + n), xt::all()) = T(0);
+      for (std::size_t b = 0; b < c.modality.size(); ++b) zero_token_block(dx, b, 0, 1);
+      for (const auto& [b, s] : c.visual) zero_token_block(dx, b, s, n);
       llm_.embed_backward(c.ids, dx);
     }
   }

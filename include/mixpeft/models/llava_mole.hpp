@@ -33,6 +33,10 @@
 // "multi_modal_projector.linear_{1,2}.*", "language_model." + Llama names (LoRA and experts below them).
 // Shapes: B sequences, T positions, D LLM width, Dv ViT width, Np patches per image, Ni images, V vocabulary,
 // L layers, K experts, N = B T routed rows per layer; ids, labels [B, T] int64.
+// Backends: device-generic. LlavaMole<T, Cuda> runs this code on device tensors: the patch tokens enter the
+// sequence through the token-row ops (ops/token_rows.hpp) and leave it the same way in backward; the balance
+// tokens and domain ids are built on the host and handed over. Ids, labels and the samples' images stay on the
+// host (make_batch uploads the images); weights are drawn on the host with the CPU model's Rng sequence.
 #pragma once
 
 #include <algorithm>
@@ -62,6 +66,7 @@
 #include "mixpeft/ops/activations.hpp"
 #include "mixpeft/ops/attention.hpp"
 #include "mixpeft/ops/cross_entropy.hpp"
+#include "mixpeft/ops/token_rows.hpp"
 
 namespace mixpeft {
 
@@ -87,7 +92,8 @@ template <class T, class Backend = Cpu>
 class LlavaMole {
  public:
   using Tensor = typename Backend::template tensor<T>;
-  using IdTensor = typename Backend::template tensor<std::int64_t>;
+  using HostTensor = ::mixpeft::Tensor<accumulator_t<T>>;  // images as samples hold them
+  using IdTensor = ::mixpeft::Tensor<std::int64_t>;        // token ids stay on the host on every backend
   using IndexTensor = typename Backend::template tensor<std::int32_t>;
   using LLM = Llama<T, Backend>;
   using ViT = ClipVit<T, Backend>;
@@ -120,7 +126,7 @@ class LlavaMole {
   // One example before collation; the sequence is [BOS, prefix, (image tokens), prompt, answer].
   struct Sample {
     std::vector<std::int64_t> prefix, prompt, answer;
-    std::optional<Tensor> image;  // [C, S, S]; absent: text-only
+    std::optional<HostTensor> image;  // [C, S, S] on the host; absent: text-only
     std::size_t domain = 0;
   };
 
@@ -134,7 +140,7 @@ class LlavaMole {
     typename LLM::Cache llm;
     Tensor logits;                                            // [B, T, V]
     IdTensor targets;                                         // [B, T] labels shifted left by one
-    CrossEntropyCache<T> ce;
+    typename Backend::template cross_entropy_cache<T> ce;
     BalanceTokens<T, Backend> tokens;                         // valid positions and sample ids, [N] each
     std::vector<const Routing*> routing;                      // [L] (empty when K = 1)
     std::vector<RouterGrad<T, Backend>> router_grads;         // [L] balance gradients
@@ -183,7 +189,8 @@ class LlavaMole {
     batch.ids.fill(config_.pad_id);
     batch.labels = empty<std::int64_t>({nb, longest});
     batch.labels.fill(default_ignore_index);
-    batch.images = empty<T>(images ? Shape{images, vc.channels, vc.image_size, vc.image_size} : Shape{0});
+    HostTensor pixels =
+        empty<accumulator_t<T>>(images ? Shape{images, vc.channels, vc.image_size, vc.image_size} : Shape{0});
     std::size_t image = 0;
     for (std::size_t b = 0; b < nb; ++b) {
       const Sample& s = samples[b];
@@ -199,7 +206,7 @@ class LlavaMole {
       put(s.prefix, false);
       if (s.image) {
         batch.image_start.push_back(t);
-        xt::view(batch.images, image++, xt::all(), xt::all(), xt::all()) = *s.image;
+        std::copy(s.image->data(), s.image->data() + s.image->size(), pixels.data() + image++ * s.image->size());
         t += n;
       } else {
         batch.image_start.push_back(std::nullopt);
@@ -207,6 +214,7 @@ class LlavaMole {
       put(s.prompt, false);
       put(s.answer, true);
     }
+    batch.images = Backend::template from_host<T>(std::move(pixels));
     return batch;
   }
 
@@ -232,9 +240,10 @@ class LlavaMole {
     c.routing = llm_.routing(c.llm);
     balance_tokens(batch, c.tokens);
     c.balance_value = balance_.forward(std::span<const Routing* const>(c.routing), c.tokens);
-    IndexTensor groups = empty<std::int32_t>({c.tokens.sample_ids.size()});
-    for (std::size_t i = 0; i < groups.size(); ++i)
-      groups.data()[i] = std::int32_t(batch.domains.empty() ? 0 : batch.domains[std::size_t(c.tokens.sample_ids.data()[i])]);
+    const std::size_t nb = batch.ids.shape()[0], nt = batch.ids.shape()[1];
+    ::mixpeft::Tensor<std::int32_t> domains = empty<std::int32_t>({nb * nt});  // each position's domain
+    for (std::size_t i = 0; i < nb * nt; ++i) domains.data()[i] = std::int32_t(batch.domains.empty() ? 0 : batch.domains[i / nt]);
+    const IndexTensor groups = Backend::template from_host<std::int32_t>(std::move(domains));
     for (std::size_t l = 0; l < c.routing.size(); ++l) stats_->record(l, *c.routing[l], groups, c.tokens.mask);
     count_experts(c);
     return c.ce_value + c.balance_value;
@@ -393,13 +402,16 @@ class LlavaMole {
     if (nt > 1) xt::view(targets, xt::all(), xt::range(0, nt - 1)) = xt::view(labels, xt::all(), xt::range(1, nt));
   }
 
-  // mask [B T]: 1 before each sequence's length; sample_ids [B T]: the sequence.
+  // mask [B T]: 1 before each sequence's length; sample_ids [B T]: the sequence (built on the host, handed over).
   static void balance_tokens(const Batch& batch, BalanceTokens<T, Backend>& tokens) {
     const std::size_t nb = batch.ids.shape()[0], nt = batch.ids.shape()[1];
     tokens.samples = nb;
-    batch_sample_ids(nb, nt, tokens.sample_ids);
-    resize_to(tokens.mask, Shape{nb * nt});
-    for (std::size_t i = 0; i < nb * nt; ++i) tokens.mask.data()[i] = T(i % nt < batch.lengths[i / nt] ? 1 : 0);
+    ::mixpeft::Tensor<std::int32_t> ids;
+    batch_sample_ids(nb, nt, ids);
+    tokens.sample_ids = Backend::template from_host<std::int32_t>(std::move(ids));
+    HostTensor mask = empty<accumulator_t<T>>({nb * nt});
+    for (std::size_t i = 0; i < nb * nt; ++i) mask.data()[i] = accumulator_t<T>(i % nt < batch.lengths[i / nt] ? 1 : 0);
+    tokens.mask = Backend::template from_host<T>(std::move(mask));
   }
 
   void check_batch(const Batch& batch) const {
@@ -451,14 +463,16 @@ class LlavaMole {
       if (batch.image_start[b]) c.images.emplace_back(b, *batch.image_start[b]);
     if (c.images.empty()) return x;
     const Tensor hidden = vit_.forward(batch.images, c.vit).hidden;  // [Ni, Np + 1, Dv]
-    const Tensor patches = xt::view(hidden, xt::all(), xt::range(1, n + 1), xt::all());
+    Tensor patches;                                                   // [Ni, Np, Dv]: without [cls]
+    resize_to(patches, Shape{c.images.size(), n, config_.vit.dim});
+    for (std::size_t i = 0; i < c.images.size(); ++i) copy_token_block(hidden, i, 1, patches, i, 0, n);
     c.proj_pre = proj1_.forward(patches, c.proj1);
     Tensor act;
     quick_gelu_forward(c.proj_pre, act);
     const Tensor v = proj2_.forward(act, c.proj2);                    // [Ni, Np, D]
     for (std::size_t i = 0; i < c.images.size(); ++i) {
       const auto [b, s] = c.images[i];
-      xt::view(x, b, xt::range(s, s + n), xt::all()) = xt::view(v, i, xt::all(), xt::all());
+      copy_token_block(v, i, 0, x, b, s, n);
     }
     return x;
   }
@@ -467,7 +481,7 @@ class LlavaMole {
   void count_experts(Cache& c) const {
     const std::size_t K = config_.experts.experts;
     c.expert_counts.assign(c.routing.size(), std::vector<std::size_t>(K, 0));
-    const IndexTensor no_groups = empty<std::int32_t>({0});
+    const IndexTensor no_groups = Backend::template zeros<std::int32_t>(Shape{0});
     for (std::size_t l = 0; l < c.routing.size(); ++l) {
       const auto& r = *c.routing[l];
       ExpertTally t{K, {0.0}, std::vector<double>(K, 0.0), std::vector<double>(K, 0.0)};
@@ -488,10 +502,11 @@ class LlavaMole {
     const std::size_t n = num_image_tokens();
     if (images_grad && c.images.empty()) resize_to(*images_grad, Shape{0});
     if (!c.images.empty()) {
-      Tensor dv = empty<T>({c.images.size(), n, config_.llm.dim});
+      Tensor dv;
+      resize_to(dv, Shape{c.images.size(), n, config_.llm.dim});
       for (std::size_t i = 0; i < c.images.size(); ++i) {
         const auto [b, s] = c.images[i];
-        xt::view(dv, i, xt::all(), xt::all()) = xt::view(dx, b, xt::range(s, s + n), xt::all());
+        copy_token_block(dx, b, s, dv, i, 0, n);
       }
       const Tensor d_act = proj2_.backward(c.proj2, dv);
       Tensor d_pre;
@@ -500,15 +515,16 @@ class LlavaMole {
       if (into_vit || proj1_.weight().trainable || proj1_.bias().trainable) {
         const Tensor d_patches = proj1_.backward(c.proj1, d_pre);  // [Ni, Np, Dv]
         if (into_vit) {
-          Tensor d_hidden = zeros<T>({c.images.size(), n + 1, config_.vit.dim});  // [cls] (row 0) is not used
-          xt::view(d_hidden, xt::all(), xt::range(1, n + 1), xt::all()) = d_patches;
-          Tensor d_images = vit_.backward(c.vit, d_hidden, empty<T>({0}), images_grad != nullptr);
+          // [cls] (row 0) is not used
+          Tensor d_hidden = Backend::template zeros<T>(Shape{c.images.size(), n + 1, config_.vit.dim});
+          for (std::size_t i = 0; i < c.images.size(); ++i) copy_token_block(d_patches, i, 0, d_hidden, i, 1, n);
+          Tensor d_images = vit_.backward(c.vit, d_hidden, Tensor{}, images_grad != nullptr);
           if (images_grad) *images_grad = std::move(d_images);
         }
       }
     }
     if (llm_.embed_tokens().trainable) {  // image slots hold no token embeddings
-      for (const auto& [b, s] : c.images) xt::view(dx, b, xt::range(s, s + n), xt::all()) = T(0);
+      for (const auto& [b, s] : c.images) zero_token_block(dx, b, s, n);
       llm_.embed_backward(c.ids, dx);
     }
   }
