@@ -73,16 +73,21 @@ inline ::testing::AssertionResult agrees(const Tensor<double>& got, const Tensor
                                        << mixpeft::testing::max_abs_diff(got, want) << ")";
 }
 
+// Exact equality of host tensors (same shape, same values).
+template <class T>
+::testing::AssertionResult exactly_equal(const Tensor<T>& got, const Tensor<T>& want) {
+  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
+    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
+                                         << shape_string(want.shape());
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (got.data()[i] != want.data()[i])
+      return ::testing::AssertionFailure() << "entry " << i << ": " << got.data()[i] << " vs " << want.data()[i];
+  return ::testing::AssertionSuccess();
+}
+
 // Exact equality of a device tensor with a host tensor (same shape, same bits).
 inline ::testing::AssertionResult same(const DeviceTensor<float>& dev, const Tensor<float>& host) {
-  const Tensor<float> got = cuda::download(dev);
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(host))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(host.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != host.data()[i])
-      return ::testing::AssertionFailure() << "element " << i << ": " << got.data()[i] << " vs " << host.data()[i];
-  return ::testing::AssertionSuccess();
+  return exactly_equal(cuda::download(dev), host);
 }
 
 // A device tensor against a host tensor within float's tolerance (or the one given).
@@ -93,16 +98,21 @@ inline ::testing::AssertionResult close(const DeviceTensor<float>& dev, const Te
 
 // Exact equality of id tensors (routing choices, counts, offsets, permutations), on the host or the device.
 inline ::testing::AssertionResult same_ids(const Tensor<std::int32_t>& got, const Tensor<std::int32_t>& want) {
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(want.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != want.data()[i])
-      return ::testing::AssertionFailure() << "entry " << i << ": " << got.data()[i] << " vs " << want.data()[i];
-  return ::testing::AssertionSuccess();
+  return exactly_equal(got, want);
 }
 inline ::testing::AssertionResult same_ids(const DeviceTensor<std::int32_t>& got, const Tensor<std::int32_t>& want) {
-  return same_ids(cuda::download(got), want);
+  return exactly_equal(cuda::download(got), want);
+}
+
+// A device layer built from the seed of its CPU twin: the same parameters (names, order, trainable flags) with
+// the same values, bit for bit.
+inline void expect_same_parameters(const ParameterList<float, Cpu>& cpu, const ParameterList<float, Cuda>& gpu) {
+  ASSERT_EQ(cpu.size(), gpu.size());
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    EXPECT_EQ(cpu[i].name, gpu[i].name);
+    EXPECT_EQ(cpu[i].param->trainable, gpu[i].param->trainable) << cpu[i].name;
+    EXPECT_TRUE(same(gpu[i].param->value, cpu[i].param->value)) << cpu[i].name;
+  }
 }
 
 // Copies the values of a CPU layer's parameters into its device twin (same names, same order).

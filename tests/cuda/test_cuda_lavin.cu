@@ -48,13 +48,7 @@ std::vector<typename Model::Sample> samples(std::uint64_t seed) {
 TEST_F(CudaTest, LavinBuiltFromOneSeedHoldsTheSameWeights) {
   CpuModel cpu = build<CpuModel>(true, 1);
   GpuModel gpu = build<GpuModel>(true, 1);
-  auto cp = parameters_of<float, Cpu>(cpu);
-  auto gp = parameters_of<float, Cuda>(gpu);
-  ASSERT_EQ(cp.size(), gp.size());
-  for (std::size_t i = 0; i < cp.size(); ++i) {
-    EXPECT_EQ(cp[i].name, gp[i].name);
-    EXPECT_TRUE(same(gp[i].param->value, cp[i].param->value)) << cp[i].name;
-  }
+  expect_same_parameters(parameters_of<float, Cpu>(cpu), parameters_of<float, Cuda>(gpu));
 }
 
 TEST_F(CudaTest, LavinTrainingStepMatchesCpu) {

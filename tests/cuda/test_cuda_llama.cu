@@ -62,14 +62,7 @@ Tensor<std::int64_t> random_ids(std::size_t batch, std::size_t tokens, Rng& rng)
 TEST_F(CudaTest, LlamaBuiltFromOneSeedHoldsTheSameWeights) {
   CpuModel cpu = build<CpuModel>(true, 1);
   GpuModel gpu = build<GpuModel>(true, 1);
-  auto cp = parameters_of<float, Cpu>(cpu);
-  auto gp = parameters_of<float, Cuda>(gpu);
-  ASSERT_EQ(cp.size(), gp.size());
-  for (std::size_t i = 0; i < cp.size(); ++i) {
-    EXPECT_EQ(cp[i].name, gp[i].name);
-    EXPECT_EQ(cp[i].param->trainable, gp[i].param->trainable) << cp[i].name;
-    EXPECT_TRUE(same(gp[i].param->value, cp[i].param->value)) << cp[i].name;
-  }
+  expect_same_parameters(parameters_of<float, Cpu>(cpu), parameters_of<float, Cuda>(gpu));
 }
 
 TEST_F(CudaTest, LlamaTrainingStepMatchesCpuWithEveryPeftModule) {

@@ -2,11 +2,13 @@
 // LlavaMole<float, Cpu> holds the same weights; on a batch of image+text and text-only samples from two domains
 // one training step agrees on the loss (cross-entropy plus the MoLE balance loss), this step's expert counts,
 // the router statistics per domain, d_images and every trainable gradient (attention LoRA, the stacked expert
-// factors, the routers, the projector); greedy generation picks the same tokens. Skips without a CUDA device.
+// factors, the routers, the projector); the Trainer takes the same steps on both; greedy generation picks the
+// same tokens. Skips without a CUDA device.
 #include <gtest/gtest.h>
 
 #include "mixpeft/cuda/backend.cuh"
 #include "mixpeft/models/llava_mole.hpp"
+#include "mixpeft/train/trainer.hpp"
 #include "cuda_test_multimodal_support.cuh"
 
 namespace mixpeft::cuda_test {
@@ -51,13 +53,7 @@ std::vector<typename Model::Sample> samples(std::uint64_t seed) {
 TEST_F(CudaTest, LlavaMoleBuiltFromOneSeedHoldsTheSameWeights) {
   CpuModel cpu = build<CpuModel>(1);
   GpuModel gpu = build<GpuModel>(1);
-  auto cp = parameters_of<float, Cpu>(cpu);
-  auto gp = parameters_of<float, Cuda>(gpu);
-  ASSERT_EQ(cp.size(), gp.size());
-  for (std::size_t i = 0; i < cp.size(); ++i) {
-    EXPECT_EQ(cp[i].name, gp[i].name);
-    EXPECT_TRUE(same(gp[i].param->value, cp[i].param->value)) << cp[i].name;
-  }
+  expect_same_parameters(parameters_of<float, Cpu>(cpu), parameters_of<float, Cuda>(gpu));
 }
 
 TEST_F(CudaTest, LlavaMoleTrainingStepMatchesCpu) {
@@ -73,6 +69,35 @@ TEST_F(CudaTest, LlavaMoleTrainingStepMatchesCpu) {
   ASSERT_TRUE(cs && gs);
   for (std::size_t l = 0; l < 2; ++l)
     for (std::size_t d = 0; d < 2; ++d) EXPECT_EQ(gs->usage(l, d), cs->usage(l, d)) << l << " " << d;
+}
+
+// Trainer<float, Cuda> (cuda::AdamW, the device gradient norm and clipping, two micro-batches) against the
+// Trainer<float, Cpu> over three steps: the same losses, gradient norms and parameters.
+TEST_F(CudaTest, LlavaMoleTrainerStepsMatchCpu) {
+  CpuModel cpu = build<CpuModel>(8);
+  GpuModel gpu = build<GpuModel>(8);
+  randomise(cpu, gpu, 9);
+  TrainerConfig config;
+  config.adamw.lr = 1e-2;
+  config.clip_norm = 0.5;
+  Trainer<float, Cpu> cpu_trainer(parameters_of<float, Cpu>(cpu), config);
+  Trainer<float, Cuda> gpu_trainer(parameters_of<float, Cuda>(gpu), config);
+  for (std::uint64_t t = 0; t < 3; ++t) {
+    const std::vector<CpuModel::Batch> cb{cpu.make_batch(samples<CpuModel>(10 + t)),
+                                          cpu.make_batch(samples<CpuModel>(20 + t))};
+    std::vector<GpuModel::Batch> gb;
+    gb.push_back(gpu.make_batch(samples<GpuModel>(10 + t)));
+    gb.push_back(gpu.make_batch(samples<GpuModel>(20 + t)));
+    const TrainStep want = cpu_trainer.step<CpuModel::Batch>(cpu, std::span<const CpuModel::Batch>(cb));
+    const TrainStep got = gpu_trainer.step<GpuModel::Batch>(gpu, std::span<const GpuModel::Batch>(gb));
+    EXPECT_NEAR(got.loss, want.loss, 1e-4 * (1 + want.loss)) << "step " << t;
+    EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-4 * want.grad_norm) << "step " << t;
+    EXPECT_EQ(got.tokens, want.tokens);
+  }
+  auto cp = parameters_of<float, Cpu>(cpu);
+  auto gp = parameters_of<float, Cuda>(gpu);
+  for (std::size_t i = 0; i < cp.size(); ++i)
+    if (cp[i].param->trainable) EXPECT_TRUE(close(gp[i].param->value, cp[i].param->value, 1e-4)) << cp[i].name;
 }
 
 TEST_F(CudaTest, LlavaMoleGreedyGenerationMatchesCpu) {

@@ -104,13 +104,7 @@ void step_and_compare(CpuLayer& cpu, GpuLayer& gpu, const Shape& x_shape, bool b
 TEST_F(CudaTest, LoRAExpertsBuiltFromOneSeedHoldTheSameWeights) {
   CpuLayer cpu = build<CpuLayer>(config(3), 1);
   GpuLayer gpu = build<GpuLayer>(config(3), 1);
-  auto cp = parameters_of<float, Cpu>(cpu);
-  auto gp = parameters_of<float, Cuda>(gpu);
-  ASSERT_EQ(cp.size(), gp.size());
-  for (std::size_t i = 0; i < cp.size(); ++i) {
-    EXPECT_EQ(cp[i].name, gp[i].name);
-    EXPECT_TRUE(same(gp[i].param->value, cp[i].param->value)) << cp[i].name;
-  }
+  expect_same_parameters(parameters_of<float, Cpu>(cpu), parameters_of<float, Cuda>(gpu));
 }
 
 TEST_F(CudaTest, LoRAExpertsMatchCpuInEveryMode) {

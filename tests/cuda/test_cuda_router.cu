@@ -28,16 +28,6 @@ class CudaRouterTest : public CudaTest {};
 using RouterTypes = ::testing::Types<float, double, __nv_bfloat16>;
 TYPED_TEST_SUITE(CudaRouterTest, RouterTypes);
 
-::testing::AssertionResult bit_equal(const Tensor<double>& got, const Tensor<double>& want) {
-  if (mixpeft::shape_of(got) != mixpeft::shape_of(want))
-    return ::testing::AssertionFailure() << "shape " << shape_string(got.shape()) << " vs "
-                                         << shape_string(want.shape());
-  for (std::size_t i = 0; i < got.size(); ++i)
-    if (got.data()[i] != want.data()[i])
-      return ::testing::AssertionFailure() << "entry " << i << ": " << got.data()[i] << " vs " << want.data()[i];
-  return ::testing::AssertionSuccess();
-}
-
 Tensor<std::int32_t> random_ids(const Shape& shape, Rng& rng, const std::vector<std::int32_t>& allowed) {
   Tensor<std::int32_t> t = empty<std::int32_t>(shape);
   for (auto& v : t) v = allowed[rng.below(allowed.size())];
@@ -122,7 +112,7 @@ TYPED_TEST(CudaRouterTest, TopKMatchesCpuIncludingTies) {
     DeviceTensor<T> g;
     top_k_forward(probs.dev, k, e, g);
     EXPECT_TRUE(same_ids(cuda::download(e), e_cpu)) << "experts, N " << n << " K " << K << " k " << k;
-    EXPECT_TRUE(bit_equal(get(g), g_cpu)) << "gates, N " << n << " K " << K << " k " << k;
+    EXPECT_TRUE(exactly_equal(get(g), g_cpu)) << "gates, N " << n << " K " << K << " k " << k;
 
     auto dg = random_on_device<T>({n, k}, rng);
     auto dp = random_on_device<T>({n, K}, rng);
@@ -249,7 +239,7 @@ TYPED_TEST(CudaRouterTest, GatherAndScatterRowsMatchCpu) {
     DeviceTensor<T> g;
     gather_rows(x.host, perm_host, k, g_cpu);
     gather_rows(x.dev, perm, k, g);
-    EXPECT_TRUE(bit_equal(get(g), g_cpu)) << "gather_rows, C " << c << " k " << k;
+    EXPECT_TRUE(exactly_equal(get(g), g_cpu)) << "gather_rows, C " << c << " k " << k;
 
     auto src = random_on_device<T>({n * k, c}, rng);
     auto out = random_on_device<T>({n, c}, rng);
@@ -336,8 +326,8 @@ TYPED_TEST(CudaRouterTest, InputJitterIsSeededRepeatableAndInRange) {
   input_jitter_forward(x.dev, eps, a, y1, f1);
   input_jitter_forward(x.dev, eps, b, y2, f2);
   const Tensor<double> ya = get(y1), fa = get(f1);
-  EXPECT_TRUE(bit_equal(get(y2), ya));
-  EXPECT_TRUE(bit_equal(get(f2), fa));
+  EXPECT_TRUE(exactly_equal(get(y2), ya));
+  EXPECT_TRUE(exactly_equal(get(f2), fa));
   const std::uint64_t key = c.next_u64();  // the one draw a call takes
   EXPECT_EQ(a.next_u64(), c.next_u64());
   Tensor<double> f_host = empty<double>(x.host.shape());
@@ -404,7 +394,7 @@ TYPED_TEST(CudaRouterTest, LogitNoiseIsSeededAndRepeatable) {
   logit_noise_forward(l1, sigma, a);
   logit_noise_forward(l2, sigma, b);
   const Tensor<double> got = get(l1);
-  EXPECT_TRUE(bit_equal(get(l2), got));
+  EXPECT_TRUE(exactly_equal(get(l2), got));
   const std::uint64_t key = c.next_u64();
   EXPECT_EQ(a.next_u64(), c.next_u64());
   Tensor<double> want = empty<double>(l.host.shape());
@@ -443,8 +433,8 @@ TEST_F(CudaTest, RoutingPipelineMatchesCpuOnTheDevicesIntermediates) {
   EXPECT_TRUE(same_ids(cuda::download(counts), c_cpu));
   EXPECT_TRUE(same_ids(cuda::download(offsets), o_cpu));
   EXPECT_TRUE(same_ids(cuda::download(perm), p_cpu));
-  EXPECT_TRUE(bit_equal(get(gates), g_cpu));
-  EXPECT_TRUE(bit_equal(get(grouped), grouped_cpu));
+  EXPECT_TRUE(exactly_equal(get(gates), g_cpu));
+  EXPECT_TRUE(exactly_equal(get(grouped), grouped_cpu));
   EXPECT_NO_THROW(cuda::check_routing_errors());
 }
 

@@ -194,14 +194,7 @@ void step_and_compare(CpuVit& cpu, GpuVit& gpu, const Step& step, std::uint64_t 
 TEST_F(CudaTest, VitBuiltFromOneSeedHoldsTheSameWeights) {
   CpuVit cpu = build<CpuVit>(true, true, 1);
   GpuVit gpu = build<GpuVit>(true, true, 1);
-  auto cp = parameters_of<float, Cpu>(cpu);
-  auto gp = parameters_of<float, Cuda>(gpu);
-  ASSERT_EQ(cp.size(), gp.size());
-  for (std::size_t i = 0; i < cp.size(); ++i) {
-    EXPECT_EQ(cp[i].name, gp[i].name);
-    EXPECT_EQ(cp[i].param->trainable, gp[i].param->trainable) << cp[i].name;
-    EXPECT_TRUE(same(gp[i].param->value, cp[i].param->value)) << cp[i].name;
-  }
+  expect_same_parameters(parameters_of<float, Cpu>(cpu), parameters_of<float, Cuda>(gpu));
 }
 
 // MM-Adapters and LoRA on q, v and fc1 (frozen base, dropout on), the taken tokens through post_layernorm.

@@ -34,10 +34,12 @@ template <class T>
 struct CrossEntropyCache;  // ops/cross_entropy.hpp
 template <class T>
 struct RopeTable;  // ops/rope.hpp
+template <class T>
+class AdamW;  // train/adamw.hpp
 
 // The CPU backend: xtensor storage, Eigen GEMMs, OpenMP threads. The op-specific host types a layer names
 // through its backend (the CUDA backend maps them to device versions):
-//   attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
+//   attention_cache<T>, cross_entropy_cache<T>, rope_table<T>, and the optimizer optimizer<T> (AdamW).
 struct Cpu {
   template <class T>
   using tensor = Tensor<T>;
@@ -47,6 +49,8 @@ struct Cpu {
   using cross_entropy_cache = CrossEntropyCache<T>;
   template <class T>
   using rope_table = RopeTable<T>;
+  template <class T>
+  using optimizer = AdamW<T>;
   static constexpr const char* name = "cpu";
 
   template <class T>

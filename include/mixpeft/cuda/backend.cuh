@@ -5,7 +5,7 @@
 // argument-dependent lookup to the overloads in namespace mixpeft::cuda declared by the headers below.
 // Ops whose CPU versions take a host-side cache or table type have device counterparts, named by the
 // aliases here so that generic code can spell them through the backend:
-//   typename Backend::template attention_cache<T>, cross_entropy_cache<T>, rope_table<T>.
+//   typename Backend::template attention_cache<T>, cross_entropy_cache<T>, rope_table<T>, optimizer<T>.
 // The ids of embedding and the targets of cross-entropy stay host tensors on both backends.
 // Parameters are initialised on the host (the same Rng draws as on the CPU) and moved here with
 // Cuda::from_host<T>(host) (an upload on the current stream; a float host tensor is rounded once to a 16-bit T);
@@ -22,6 +22,7 @@
 #include "mixpeft/cuda/dropout.cuh"
 #include "mixpeft/cuda/elementwise.cuh"
 #include "mixpeft/cuda/embedding.cuh"
+#include "mixpeft/cuda/grad_clip.cuh"
 #include "mixpeft/cuda/greedy.cuh"
 #include "mixpeft/cuda/grouped_lora.cuh"
 #include "mixpeft/cuda/grouped_projection.cuh"
@@ -36,6 +37,11 @@
 #include "mixpeft/cuda/token_rows.cuh"
 
 namespace mixpeft {
+
+namespace cuda {
+template <class T>
+class AdamW;  // cuda/adamw.cuh, included at the end (it names the Cuda tag)
+}  // namespace cuda
 
 // 16-bit storage computes in float (cuda::acc_t): layers draw such weights, and keep gates, in float.
 template <>
@@ -56,6 +62,8 @@ struct Cuda {
   using cross_entropy_cache = cuda::CrossEntropyCache<T>;
   template <class T>
   using rope_table = cuda::DeviceRopeTable<T>;
+  template <class T>
+  using optimizer = cuda::AdamW<T>;  // fp32 master weights for bf16 parameters
   static constexpr const char* name = "cuda";
 
   template <class T, class S>
@@ -71,3 +79,5 @@ struct Cuda {
 };
 
 }  // namespace mixpeft
+
+#include "mixpeft/cuda/adamw.cuh"  // after the Cuda tag, which its ParameterList<T, Cuda> names

@@ -262,9 +262,8 @@ struct PeftLoraConfig {
                                          "use_dora"};
 
   // PEFT's matching of a module path against a target or pattern key (taken literally, not as a regex).
-  static bool matches(const std::string& module, const std::string& key) {
-    return module == key || (module.size() > key.size() && module.ends_with(key) &&
-                             module[module.size() - key.size() - 1] == '.');
+  static bool matches(const std::string& path, const std::string& key) {
+    return path == key || (path.size() > key.size() && path.ends_with(key) && path[path.size() - key.size() - 1] == '.');
   }
   int rank_for(const std::string& module) const {
     for (const auto& [key, rank] : rank_pattern)

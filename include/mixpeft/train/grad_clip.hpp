@@ -7,6 +7,8 @@
 // A NaN or Inf in any gradient throws NumericError naming the first parameter (in list order) where it
 // appears, before anything is modified. Frozen parameters have no gradient and are skipped.
 //
+// Any backend: the sums of squares and the scaling are the ops sum_of_squares and scale_in_place (on the CUDA
+// backend a deterministic device reduction whose one double per parameter is copied back, and a kernel).
 // Gradient accumulation over k micro-batches: backward passes accumulate (+=) into Parameter::grad, so
 // the trainer runs k backwards, then scale_grads(list, 1.0 / k) (unless its loss is already divided
 // by k), then clips, steps and zeroes the gradients.
@@ -21,17 +23,30 @@
 
 namespace mixpeft {
 
+// The per-tensor ops the functions below are made of (cuda/grad_clip.cuh has both for device tensors).
 template <class T>
-double grad_norm(const ParameterList<T>& list) {
+double sum_of_squares(const Tensor<T>& g) {
+  double sum = 0.0;
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    const double v = double(g.data()[i]);
+    sum += v * v;
+  }
+  return sum;
+}
+
+template <class T>
+void scale_in_place(Tensor<T>& g, double factor) {
+  const T f = T(factor);
+  for (auto& v : g) v *= f;
+}
+
+template <class T, class Backend>
+double grad_norm(const ParameterList<T, Backend>& list) {
   double total = 0.0;
   for (const auto& ref : list) {
-    const Parameter<T>& p = *ref.param;
+    const Parameter<T, Backend>& p = *ref.param;
     if (!p.trainable) continue;
-    double sum = 0.0;
-    for (std::size_t i = 0; i < p.grad.size(); ++i) {
-      const double g = double(p.grad.data()[i]);
-      sum += g * g;
-    }
+    const double sum = sum_of_squares(p.grad);
     require<NumericError>(std::isfinite(sum), "grad_norm: gradient of \"", ref.name, "\" is ",
                           std::isnan(sum) ? "NaN" : "Inf", " (sum of squares ", sum, ")");
     total += sum;
@@ -40,17 +55,15 @@ double grad_norm(const ParameterList<T>& list) {
   return std::sqrt(total);
 }
 
-template <class T>
-void scale_grads(const ParameterList<T>& list, double factor) {
+template <class T, class Backend>
+void scale_grads(const ParameterList<T, Backend>& list, double factor) {
   require<ConfigError>(std::isfinite(factor), "scale_grads: factor must be finite (got ", factor, ")");
-  const T f = T(factor);
   for (const auto& ref : list)
-    if (ref.param->trainable)
-      for (auto& g : ref.param->grad) g *= f;
+    if (ref.param->trainable) scale_in_place(ref.param->grad, factor);
 }
 
-template <class T>
-double clip_grad_norm(const ParameterList<T>& list, double max_norm) {
+template <class T, class Backend>
+double clip_grad_norm(const ParameterList<T, Backend>& list, double max_norm) {
   require<ConfigError>(max_norm > 0 && std::isfinite(max_norm), "clip_grad_norm: max_norm must be finite and > 0 (got ",
                        max_norm, ")");
   const double norm = grad_norm(list);

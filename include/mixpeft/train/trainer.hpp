@@ -16,6 +16,8 @@
 // them, so training continues bit-identically (the schedule is a function of the step, and data order is the
 // caller's: next_batches(t) in run()).
 // Only trainable parameters are handed to AdamW; frozen ones are never read or written.
+// Backends: Trainer<T, Cuda> steps a device model with cuda::AdamW (fp32 master weights for bf16) and the device
+// gradient norm; checkpoints (save / resume) are CPU-only for now (the checkpoint code reads host tensors).
 #pragma once
 
 #include <chrono>
@@ -85,13 +87,14 @@ struct TrainStep {
   double tokens_per_second = 0;
 };
 
-template <class T>
+template <class T, class Backend = Cpu>
 class Trainer {
  public:
   using Callback = std::function<void(const TrainStep&)>;
+  using Optimizer = typename Backend::template optimizer<T>;  // AdamW (cuda::AdamW on the CUDA backend)
 
   // params: the model's parameters (frozen ones are left out).
-  Trainer(const ParameterList<T>& params, TrainerConfig config)
+  Trainer(const ParameterList<T, Backend>& params, TrainerConfig config)
       : config_(std::move(config)), optimizer_(trainable_only(params), config_.adamw) {
     if (config_.clip_norm)
       require<ConfigError>(*config_.clip_norm > 0, "Trainer: clip_norm must be > 0 (got ", *config_.clip_norm, ")");
@@ -143,11 +146,15 @@ class Trainer {
 
   // Writes a checkpoint (trainable parameters, AdamW state, step counter, the named Rngs, extra).
   void save(const std::filesystem::path& path, const NamedRngs& rngs = {},
-            nlohmann::json extra = nlohmann::json::object()) const {
+            nlohmann::json extra = nlohmann::json::object()) const
+    requires std::same_as<Backend, Cpu>
+  {
     save_checkpoint(path, optimizer_, CheckpointInfo{step_, std::move(extra)}, rngs);
   }
   // Restores a checkpoint written by save(); returns its extra.
-  nlohmann::json resume(const std::filesystem::path& path, const NamedRngs& rngs = {}) {
+  nlohmann::json resume(const std::filesystem::path& path, const NamedRngs& rngs = {})
+    requires std::same_as<Backend, Cpu>
+  {
     CheckpointInfo info = load_checkpoint(path, optimizer_, rngs);
     step_ = info.step;
     return info.extra;
@@ -155,12 +162,12 @@ class Trainer {
 
   std::int64_t steps() const { return step_; }
   double lr_at(std::int64_t step) const { return config_.schedule ? config_.schedule(step) : config_.adamw.lr; }
-  AdamW<T>& optimizer() { return optimizer_; }
+  Optimizer& optimizer() { return optimizer_; }
   const TrainerConfig& config() const { return config_; }
 
  private:
-  static ParameterList<T> trainable_only(const ParameterList<T>& params) {
-    ParameterList<T> out;
+  static ParameterList<T, Backend> trainable_only(const ParameterList<T, Backend>& params) {
+    ParameterList<T, Backend> out;
     for (const auto& ref : params)
       if (ref.param->trainable) out.push_back(ref);
     require<ConfigError>(!out.empty(), "Trainer: the model has no trainable parameters");
@@ -168,7 +175,7 @@ class Trainer {
   }
 
   TrainerConfig config_;
-  AdamW<T> optimizer_;
+  Optimizer optimizer_;
   std::int64_t step_ = 0;
 };
 
