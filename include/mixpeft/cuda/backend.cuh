@@ -80,4 +80,5 @@ struct Cuda {
 
 }  // namespace mixpeft
 
-#include "mixpeft/cuda/adamw.cuh"  // after the Cuda tag, which its ParameterList<T, Cuda> names
+#include "mixpeft/cuda/adamw.cuh"       // after the Cuda tag, which its ParameterList<T, Cuda> names
+#include "mixpeft/cuda/checkpoint.cuh"  // save / load_checkpoint of cuda::AdamW, for Trainer<T, Cuda>

@@ -113,7 +113,123 @@ inline const nlohmann::json& field(const nlohmann::json& j, const char* key, nlo
 
 }  // namespace detail::checkpoint
 
+// ---- the parts shared by the backends' save_checkpoint / load_checkpoint ----
+namespace detail::checkpoint {
+
+// The "mixpeft.checkpoint" metadata of a checkpoint (steps: parameter name -> AdamW step count).
+inline Metadata metadata(const AdamWConfig& c, const nlohmann::json& steps, const CheckpointInfo& info,
+                         const NamedRngs& rngs) {
+  nlohmann::json meta = {{"version", 1},
+                         {"step", info.step},
+                         {"optimizer",
+                          {{"type", "AdamW"}, {"lr", c.lr}, {"beta1", c.beta1}, {"beta2", c.beta2}, {"eps", c.eps},
+                           {"weight_decay", c.weight_decay}, {"steps", steps}}},
+                         {"rng", nlohmann::json::object()},
+                         {"extra", info.extra}};
+  for (const auto& [name, rng] : rngs) {
+    require<ConfigError>(rng != nullptr, "save_checkpoint: Rng \"", name, "\" is null");
+    require<ConfigError>(!meta["rng"].contains(name), "save_checkpoint: duplicate Rng name \"", name, "\"");
+    meta["rng"][name] = to_hex(*rng);
+  }
+  return {{"format", "mixpeft"}, {metadata_key, meta.dump()}};
+}
+
+// A checkpoint file checked against a model's trainable parameters (name -> shape) and the Rngs to restore.
+struct CheckedFile {
+  SafetensorsFile file;
+  AdamWConfig config;
+  std::map<std::string, std::int64_t> steps;  // parameter name -> AdamW step count, for those with moments
+  CheckpointInfo info;
+  std::map<std::string, std::string> rng_states;  // Rng name -> hex bytes
+
+  // Restores the named Rngs (every one was checked to have a state of the right size).
+  void restore_rngs(const NamedRngs& rngs, const std::string& where) const {
+    for (const auto& [name, rng] : rngs) from_hex(rng_states.at(name), *rng, where);
+  }
+};
+
+// Opens and checks a whole checkpoint before anything is restored: FormatError for a file that is not a mixpeft
+// checkpoint, bad metadata, missing or foreign tensors or Rngs; ShapeError for a tensor of another shape.
+inline CheckedFile open_checked(const std::filesystem::path& path, const std::map<std::string, Shape>& trainable,
+                                const NamedRngs& rngs, const std::string& w) {
+  using V = nlohmann::json::value_t;
+  CheckedFile out{SafetensorsFile(path), {}, {}, {}, {}};
+  const SafetensorsFile& file = out.file;
+  const auto meta_it = file.metadata().find(metadata_key);
+  require<FormatError>(meta_it != file.metadata().end(), w, ": not a mixpeft checkpoint (no \"", metadata_key,
+                       "\" metadata)");
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(meta_it->second);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(detail::concat(w, ": checkpoint metadata is not valid JSON (", e.what(), ")"));
+  }
+  require<FormatError>(field(meta, "version", V::number_integer, w) == 1, w, ": unsupported checkpoint version ",
+                       meta["version"].dump());
+  const auto& opt = field(meta, "optimizer", V::object, w);
+  require<FormatError>(field(opt, "type", V::string, w) == "AdamW", w, ": optimizer is ", opt["type"].dump(),
+                       ", expected \"AdamW\"");
+  AdamWConfig& config = out.config;
+  config.lr = field(opt, "lr", V::number_float, w).get<double>();
+  config.beta1 = field(opt, "beta1", V::number_float, w).get<double>();
+  config.beta2 = field(opt, "beta2", V::number_float, w).get<double>();
+  config.eps = field(opt, "eps", V::number_float, w).get<double>();
+  config.weight_decay = field(opt, "weight_decay", V::number_float, w).get<double>();
+  try {
+    config.validate();
+  } catch (const ConfigError& e) {
+    throw FormatError(detail::concat(w, ": stored optimizer config is invalid: ", e.what()));
+  }
+  const auto& steps = field(opt, "steps", V::object, w);
+  const auto& stored_rngs = field(meta, "rng", V::object, w);
+
+  const auto expect_tensor = [&](const std::string& stored, const std::string& name, const Shape& shape) {
+    require<FormatError>(file.contains(stored), w, ": no tensor \"", stored, "\" for parameter \"", name, "\"");
+    const Shape& found = file.info(stored).shape;
+    require<ShapeError>(found == shape, w, ": tensor \"", stored, "\" has shape ", shape_string(found),
+                        " but parameter \"", name, "\" has shape ", shape_string(shape));
+  };
+  std::set<std::string> expected_tensors;
+  for (const auto& [name, shape] : trainable) {
+    expect_tensor(model_prefix + name, name, shape);
+    expected_tensors.insert(model_prefix + name);
+  }
+  for (const auto& [name, t] : steps.items()) {
+    const auto it = trainable.find(name);
+    require<FormatError>(it != trainable.end(), w, ": optimizer state for \"", name,
+                         "\", which is not a trainable parameter of the model");
+    require<FormatError>(t.is_number_integer() && t.template get<std::int64_t>() > 0, w, ": optimizer step of \"", name,
+                         "\" must be a positive integer, got ", t.dump());
+    for (const auto& prefix : {exp_avg_prefix, exp_avg_sq_prefix}) {
+      expect_tensor(prefix + name, name, it->second);
+      expected_tensors.insert(prefix + name);
+    }
+    out.steps[name] = t.template get<std::int64_t>();
+  }
+  for (const auto& name : file.names())
+    require<FormatError>(expected_tensors.count(name), w, ": tensor \"", name,
+                         "\" matches no trainable parameter or optimizer state of the model");
+  for (const auto& [name, rng] : rngs) {
+    require<ConfigError>(rng != nullptr, w, ": Rng \"", name, "\" is null");
+    require<FormatError>(stored_rngs.contains(name) && stored_rngs[name].is_string(), w, ": no state for Rng \"",
+                         name, "\"");
+    out.rng_states[name] = stored_rngs[name].template get<std::string>();
+    require<FormatError>(out.rng_states[name].size() == 2 * sizeof(Rng), w, ": Rng \"", name,
+                         "\" state has the wrong size for this build");
+  }
+  out.info.step = field(meta, "step", V::number_integer, w).get<std::int64_t>();
+  out.info.extra = meta.contains("extra") ? meta["extra"] : nlohmann::json::object();
+  return out;
+}
+
+inline std::string where(const char* op, const std::filesystem::path& path) {
+  return detail::concat(op, " '", path.string(), "'");
+}
+
+}  // namespace detail::checkpoint
+
 // Saves the optimizer's trainable parameters and AdamW state, the step counter, the Rngs and `extra`.
+// (The CUDA optimizer's overload, in cuda/checkpoint.cuh, writes the same format.)
 template <class T>
 void save_checkpoint(const std::filesystem::path& path, const AdamW<T>& optimizer, const CheckpointInfo& info = {},
                      const NamedRngs& rngs = {}) {
@@ -129,20 +245,7 @@ void save_checkpoint(const std::filesystem::path& path, const AdamW<T>& optimize
     entries.push_back({dc::exp_avg_sq_prefix + ref.name, it->second.v});
     steps[ref.name] = it->second.step;
   }
-  const AdamWConfig& c = optimizer.config();
-  nlohmann::json meta = {{"version", 1},
-                         {"step", info.step},
-                         {"optimizer",
-                          {{"type", "AdamW"}, {"lr", c.lr}, {"beta1", c.beta1}, {"beta2", c.beta2}, {"eps", c.eps},
-                           {"weight_decay", c.weight_decay}, {"steps", steps}}},
-                         {"rng", nlohmann::json::object()},
-                         {"extra", info.extra}};
-  for (const auto& [name, rng] : rngs) {
-    require<ConfigError>(rng != nullptr, "save_checkpoint: Rng \"", name, "\" is null");
-    require<ConfigError>(!meta["rng"].contains(name), "save_checkpoint: duplicate Rng name \"", name, "\"");
-    meta["rng"][name] = dc::to_hex(*rng);
-  }
-  save_safetensors(path, entries, {{"format", "mixpeft"}, {dc::metadata_key, meta.dump()}});
+  save_safetensors(path, entries, dc::metadata(optimizer.config(), steps, info, rngs));
 }
 
 // Restores a checkpoint written by save_checkpoint into `optimizer`'s parameters and state and into the
@@ -150,90 +253,28 @@ void save_checkpoint(const std::filesystem::path& path, const AdamW<T>& optimize
 template <class T>
 CheckpointInfo load_checkpoint(const std::filesystem::path& path, AdamW<T>& optimizer, const NamedRngs& rngs = {}) {
   namespace dc = detail::checkpoint;
-  using V = nlohmann::json::value_t;
-  const SafetensorsFile file(path);
-  const std::string w = detail::concat("load_checkpoint '", path.string(), "'");
-  const auto meta_it = file.metadata().find(dc::metadata_key);
-  require<FormatError>(meta_it != file.metadata().end(), w, ": not a mixpeft checkpoint (no \"", dc::metadata_key,
-                       "\" metadata)");
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(meta_it->second);
-  } catch (const nlohmann::json::exception& e) {
-    throw FormatError(detail::concat(w, ": checkpoint metadata is not valid JSON (", e.what(), ")"));
-  }
-  require<FormatError>(dc::field(meta, "version", V::number_integer, w) == 1, w, ": unsupported checkpoint version ",
-                       meta["version"].dump());
-  const auto& opt = dc::field(meta, "optimizer", V::object, w);
-  require<FormatError>(dc::field(opt, "type", V::string, w) == "AdamW", w, ": optimizer is ", opt["type"].dump(),
-                       ", expected \"AdamW\"");
-  AdamWConfig config;
-  config.lr = dc::field(opt, "lr", V::number_float, w).get<double>();
-  config.beta1 = dc::field(opt, "beta1", V::number_float, w).get<double>();
-  config.beta2 = dc::field(opt, "beta2", V::number_float, w).get<double>();
-  config.eps = dc::field(opt, "eps", V::number_float, w).get<double>();
-  config.weight_decay = dc::field(opt, "weight_decay", V::number_float, w).get<double>();
-  try {
-    config.validate();
-  } catch (const ConfigError& e) {
-    throw FormatError(detail::concat(w, ": stored optimizer config is invalid: ", e.what()));
-  }
-  const auto& steps = dc::field(opt, "steps", V::object, w);
-  const auto& stored_rngs = dc::field(meta, "rng", V::object, w);
-
-  // Check everything against the model before changing anything.
+  const std::string w = dc::where("load_checkpoint", path);
   std::map<std::string, Parameter<T>*> trainable;
+  std::map<std::string, Shape> shapes;
   for (const auto& ref : optimizer.parameters())
-    if (ref.param->trainable) trainable.emplace(ref.name, ref.param);
-  const auto expect_tensor = [&](const std::string& stored, const std::string& name, const Parameter<T>& p) {
-    require<FormatError>(file.contains(stored), w, ": no tensor \"", stored, "\" for parameter \"", name, "\"");
-    const Shape& found = file.info(stored).shape;
-    require<ShapeError>(found == shape_of(p.value), w, ": tensor \"", stored, "\" has shape ", shape_string(found),
-                        " but parameter \"", name, "\" has shape ", shape_string(p.value.shape()));
-  };
-  std::set<std::string> expected_tensors;
-  for (const auto& [name, p] : trainable) {
-    expect_tensor(dc::model_prefix + name, name, *p);
-    expected_tensors.insert(dc::model_prefix + name);
-  }
-  for (const auto& [name, t] : steps.items()) {
-    const auto it = trainable.find(name);
-    require<FormatError>(it != trainable.end(), w, ": optimizer state for \"", name,
-                         "\", which is not a trainable parameter of the model");
-    require<FormatError>(t.is_number_integer() && t.template get<std::int64_t>() > 0, w, ": optimizer step of \"", name,
-                         "\" must be a positive integer, got ", t.dump());
-    for (const auto& prefix : {dc::exp_avg_prefix, dc::exp_avg_sq_prefix}) {
-      expect_tensor(prefix + name, name, *it->second);
-      expected_tensors.insert(prefix + name);
+    if (ref.param->trainable) {
+      trainable.emplace(ref.name, ref.param);
+      shapes.emplace(ref.name, shape_of(ref.param->value));
     }
-  }
-  for (const auto& name : file.names())
-    require<FormatError>(expected_tensors.count(name), w, ": tensor \"", name,
-                         "\" matches no trainable parameter or optimizer state of the model");
-  for (const auto& [name, rng] : rngs) {
-    require<ConfigError>(rng != nullptr, w, ": Rng \"", name, "\" is null");
-    require<FormatError>(stored_rngs.contains(name) && stored_rngs[name].is_string(), w, ": no state for Rng \"",
-                         name, "\"");
-    require<FormatError>(stored_rngs[name].template get<std::string>().size() == 2 * sizeof(Rng), w, ": Rng \"", name,
-                         "\" state has the wrong size for this build");
-  }
-  CheckpointInfo info;
-  info.step = dc::field(meta, "step", V::number_integer, w).get<std::int64_t>();
-  info.extra = meta.contains("extra") ? meta["extra"] : nlohmann::json::object();
+  const dc::CheckedFile checked = dc::open_checked(path, shapes, rngs, w);
 
-  // Restore.
-  for (const auto& [name, p] : trainable) file.read_into(dc::model_prefix + name, p->value);
-  optimizer.set_config(config);
+  for (const auto& [name, p] : trainable) checked.file.read_into(dc::model_prefix + name, p->value);
+  optimizer.set_config(checked.config);
   auto& state = optimizer.state();
   state.clear();
-  for (const auto& [name, t] : steps.items()) {
+  for (const auto& [name, step] : checked.steps) {
     auto& s = state[name];
-    file.read_into(dc::exp_avg_prefix + name, s.m);
-    file.read_into(dc::exp_avg_sq_prefix + name, s.v);
-    s.step = t.template get<std::int64_t>();
+    checked.file.read_into(dc::exp_avg_prefix + name, s.m);
+    checked.file.read_into(dc::exp_avg_sq_prefix + name, s.v);
+    s.step = step;
   }
-  for (const auto& [name, rng] : rngs) dc::from_hex(stored_rngs[name].template get<std::string>(), *rng, w);
-  return info;
+  checked.restore_rngs(rngs, w);
+  return checked.info;
 }
 
 // ---- PEFT adapters ---------------------------------------------------------------------------------------

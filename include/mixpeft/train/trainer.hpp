@@ -17,7 +17,7 @@
 // caller's: next_batches(t) in run()).
 // Only trainable parameters are handed to AdamW; frozen ones are never read or written.
 // Backends: Trainer<T, Cuda> steps a device model with cuda::AdamW (fp32 master weights for bf16) and the device
-// gradient norm; checkpoints (save / resume) are CPU-only for now (the checkpoint code reads host tensors).
+// gradient norm; its checkpoints (cuda/checkpoint.cuh) have the CPU's format, so a run can resume on either backend.
 #pragma once
 
 #include <chrono>
@@ -146,15 +146,11 @@ class Trainer {
 
   // Writes a checkpoint (trainable parameters, AdamW state, step counter, the named Rngs, extra).
   void save(const std::filesystem::path& path, const NamedRngs& rngs = {},
-            nlohmann::json extra = nlohmann::json::object()) const
-    requires std::same_as<Backend, Cpu>
-  {
+            nlohmann::json extra = nlohmann::json::object()) const {
     save_checkpoint(path, optimizer_, CheckpointInfo{step_, std::move(extra)}, rngs);
   }
   // Restores a checkpoint written by save(); returns its extra.
-  nlohmann::json resume(const std::filesystem::path& path, const NamedRngs& rngs = {})
-    requires std::same_as<Backend, Cpu>
-  {
+  nlohmann::json resume(const std::filesystem::path& path, const NamedRngs& rngs = {}) {
     CheckpointInfo info = load_checkpoint(path, optimizer_, rngs);
     step_ = info.step;
     return info.extra;
