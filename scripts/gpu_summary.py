@@ -114,6 +114,11 @@ def main(argv):
                 target = ratio >= 0.90 if per_expert >= 1024 else None
                 lines.append((f"{name} vs dense_gemm_same_flops/{t}/{r} (throughput, {per_expert} tok/expert"
                               f"{', >= 0.90' if per_expert >= 1024 else ''})", ratio, target))
+        if parts[0] == "expert_gemm_cuda_cores" and len(parts) == 4:
+            tc = ok(ours, "/".join(["expert_gemm"] + parts[1:]))
+            if ok(ours, name) and tc:
+                lines.append((f"expert_gemm/{'/'.join(parts[1:])} vs {name} (tensor-core speed-up)",
+                              ours[name]["ms"] / tc["ms"], None))
         if parts[0] == "expert_gemm_op" and len(parts) == 5:
             op, t, r = parts[1], parts[2], parts[3]
             dense = ok(ours, f"dense_gemm_op/{op}/{t}/{r}")

@@ -116,6 +116,38 @@ TEST(BalanceLoss, GradientCheckEveryKindAndScope) {
   }
 }
 
+// A backward handed the forward's counts gives exactly the gradients of one that counts again; counts of another
+// number of groups are refused.
+TEST(BalanceLoss, BackwardFromTheForwardCountsEqualsRecounting) {
+  Rng rng(5);
+  const std::size_t L = 3, n = 10, K = 4;
+  std::vector<Routing> layers;
+  for (std::size_t l = 0; l < L; ++l) layers.push_back(routing_from_logits(random_tensor<double>({n, K}, rng), l == 2 ? 2 : 1));
+  Tokens tokens{.mask = Tensor<double>{1, 0, 1, 1, 1, 1, 1, 1, 0, 1}, .sample_ids = Index(), .samples = 2};
+  batch_sample_ids(2, 5, tokens.sample_ids);
+  for (auto kind : {BalanceKind::MoLE, BalanceKind::Switch, BalanceKind::GShard, BalanceKind::ZLoss}) {
+    for (auto scope : {BalanceScope::PerLayer, BalanceScope::AcrossLayers}) {
+      BalanceLoss<double> loss_fn({.kind = kind, .weight = 0.3, .scope = scope});
+      BalanceLoss<double>::Counts counts;
+      EXPECT_EQ(loss_fn.forward(pointers(layers), tokens, &counts), loss_fn.forward(pointers(layers), tokens));
+      std::vector<RouterGrad<double>> kept(L), recounted(L);
+      std::vector<RouterGrad<double>*> kp, rp;
+      for (std::size_t l = 0; l < L; ++l) kp.push_back(&kept[l]), rp.push_back(&recounted[l]);
+      loss_fn.backward(pointers(layers), tokens, kp, 2.0, &counts);
+      loss_fn.backward(pointers(layers), tokens, rp, 2.0);
+      for (std::size_t l = 0; l < L; ++l) {
+        const bool z = kind == BalanceKind::ZLoss;
+        EXPECT_EQ(max_abs_diff(z ? kept[l].dlogits : kept[l].dprobs, z ? recounted[l].dlogits : recounted[l].dprobs),
+                  0.0);
+      }
+      const std::vector<const Routing*> two = {&layers[0], &layers[1]};
+      std::vector<RouterGrad<double>*> two_grads = {kp[0], kp[1]};
+      if (scope == BalanceScope::PerLayer)
+        EXPECT_THROW(loss_fn.backward(two, tokens, two_grads, 1.0, &counts), ShapeError);
+    }
+  }
+}
+
 TEST(BalanceLoss, GradientsAccumulateIntoSharedBuffers) {
   Rng rng(2);
   std::vector<Routing> layers = {routing_from_logits(random_tensor<double>({5, 3}, rng))};

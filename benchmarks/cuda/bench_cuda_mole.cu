@@ -15,10 +15,12 @@
 //                           dropout 0.05 on each LoRA input), forward + backward, caches reused across steps
 //   ffn_layer_mole/T/r/K    LoRAExperts<bf16, Cuda> with K experts and its top-1 router (dropout 0.05), the same
 //                           uniform routing code; ffn_layer_mole_balance adds the MoLE balance loss (forward and
-//                           backward, BalanceLoss<bf16, Cuda>: one stream sync per step for its tallies) and so the
+//                           backward, BalanceLoss<bf16, Cuda>: one stream sync per step for its tally, which the
+//                           backward reuses) and so the
 //                           router's backward
 //   expert_gemm/T/r/K       only the 18 grouped LoRA launches of that step (6 per projection), on ready inputs with
 //                           uniform expert blocks of T/K rows
+//   expert_gemm_cuda_cores/T/r/K   expert_gemm with the tensor-core kernels switched off (what mma.sync buys)
 //   dense_gemm_same_flops/T/r   the same 18 LoRA GEMMs as dense cuBLASLt calls over all T rows (one adapter):
 //                           exactly the FLOPs of expert_gemm (top-1: every row meets one expert). The DESIGN target
 //                           is expert_gemm >= 90% of this throughput at >= 1k tokens per expert.
@@ -353,14 +355,15 @@ void ffn_layer(benchmark::State& state, std::size_t tokens, std::size_t rank, st
   const BalanceTokens<bf16, Cuda> all_tokens;
   Layer::Cache cache;
   RouterGrad<bf16, Cuda> grad;
+  BalanceLoss<bf16, Cuda>::Counts counts;
   const auto step = [&] {
     const DeviceTensor<bf16> y = layer.forward(x, cache);
     grad.clear();
     if (balance) {
       const RoutingResult<bf16, Cuda>* routing[] = {&cache.router.routing};
       RouterGrad<bf16, Cuda>* grads[] = {&grad};
-      benchmark::DoNotOptimize(loss.forward(routing, all_tokens));
-      loss.backward(routing, all_tokens, grads);
+      benchmark::DoNotOptimize(loss.forward(routing, all_tokens, &counts));
+      loss.backward(routing, all_tokens, grads, cuda::narrow<bf16>(1.0f), &counts);
     }
     const DeviceTensor<bf16> dx = layer.backward(cache, dy, grad);
   };
@@ -399,8 +402,10 @@ struct LoraOperands {
         dx(zeros({t, width})) {}
 };
 
-void expert_gemm(benchmark::State& state, std::size_t tokens, std::size_t rank, std::size_t experts) {
+void expert_gemm(benchmark::State& state, std::size_t tokens, std::size_t rank, std::size_t experts,
+                 bool tensor_cores = true) {
   if (no_device(state)) return;
+  const cuda::detail::GroupedTensorCoreOverride cores(tensor_cores);
   LoraOperands o(tokens);
   const auto offsets = uniform_offsets(tokens, experts);
   GroupedLora lg(tokens, rank, experts, width, ffn_width, 51), lu(tokens, rank, experts, width, ffn_width, 53),
@@ -540,6 +545,8 @@ void register_all() {
       add(join({"expert_gemm", str(t), str(r), str(k)}), [=](benchmark::State& s) { expert_gemm(s, t, r, k); });
     }
   }
+  add(join({"expert_gemm_cuda_cores", "4096", str(r), "4"}),
+      [=](benchmark::State& s) { expert_gemm(s, 4096, r, 4, false); });
   for (Op op : all_ops) {
     add(join({"expert_gemm_op", op_name(op), "4096", str(r), "4"}),
         [=](benchmark::State& s) { expert_gemm_op(s, op, 4096, r, 4); });

@@ -1,6 +1,7 @@
 // The grouped LoRA ops (cuda/grouped_lora.cuh) against plain-loop CPU references in double, computed from the
 // very values the device holds: shrink, expand (gates on / off, overwrite / accumulate), expand_backward (gates,
-// the gate dot), shrink_backward, and the per-expert weight gradients, for float, double and bf16, over empty
+// the gate dot), shrink_backward, and the per-expert weight gradients, for float, double, bf16 and fp16 (on tensor
+// cores where the GPU has them) and bf16 on the CUDA-core kernels, over empty
 // experts (first, middle, last), uneven blocks, M not a multiple of any tile, r = 8, 32 and wider, aligned
 // (16-byte vector loads) and unaligned (element loads) row pitches, with and without split-K. Plus bf16 inputs
 // with fp32 outputs, no rows at all, agreement with the CPU ops of ops/grouped_lora.hpp, and typed
@@ -9,8 +10,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixpeft/cuda/grouped_lora.cuh"
@@ -20,9 +23,29 @@
 namespace mixpeft::cuda_test {
 namespace {
 
-template <class T>
-class CudaGroupedLoraTest : public CudaTest {};
-using GroupedLoraTypes = ::testing::Types<float, double, __nv_bfloat16>;
+// bf16 on the CUDA-core kernels (the tensor-core ones switched off), so both paths are checked on a GPU that has
+// tensor cores. bf16 and fp16 themselves run on tensor cores there.
+struct SimtBf16 {};
+template <class P>
+struct Storage {
+  using type = P;
+};
+template <>
+struct Storage<SimtBf16> {
+  using type = __nv_bfloat16;
+};
+
+template <class P>
+class CudaGroupedLoraTest : public CudaTest {
+ protected:
+  void SetUp() override {
+    CudaTest::SetUp();
+    if constexpr (std::is_same_v<P, SimtBf16>) simt_.emplace(false);
+  }
+  void TearDown() override { simt_.reset(); }
+  std::optional<cuda::detail::GroupedTensorCoreOverride> simt_;
+};
+using GroupedLoraTypes = ::testing::Types<float, double, __nv_bfloat16, SimtBf16, __half>;
 TYPED_TEST_SUITE(CudaGroupedLoraTest, GroupedLoraTypes);
 
 template <class T>
@@ -128,7 +151,7 @@ Tensor<double> slab(const Tensor<double>& w, std::size_t e) {
 // ---- forward ------------------------------------------------------------------------------------------------
 
 TYPED_TEST(CudaGroupedLoraTest, ShrinkMatchesCpu) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(100);
   for (const Case& c : cases())
     for (std::size_t r : {8, 32, 48, 128})
@@ -146,7 +169,7 @@ TYPED_TEST(CudaGroupedLoraTest, ShrinkMatchesCpu) {
 }
 
 TYPED_TEST(CudaGroupedLoraTest, ExpandMatchesCpuWithAndWithoutGatesAndAccumulation) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(101);
   const double s = 2.0;
   for (const Case& c : cases())
@@ -172,7 +195,7 @@ TYPED_TEST(CudaGroupedLoraTest, ExpandMatchesCpuWithAndWithoutGatesAndAccumulati
 // ---- backward -----------------------------------------------------------------------------------------------
 
 TYPED_TEST(CudaGroupedLoraTest, ExpandBackwardMatchesCpuWithGatesAndGateGradient) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(102);
   const double s = 0.5;
   // r = 136 spans two 128-wide column tiles: the gate dot then goes through the row-wise finalize kernel.
@@ -210,7 +233,7 @@ TYPED_TEST(CudaGroupedLoraTest, ExpandBackwardMatchesCpuWithGatesAndGateGradient
 }
 
 TYPED_TEST(CudaGroupedLoraTest, ShrinkBackwardMatchesCpu) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(103);
   for (const Case& c : cases())
     for (std::size_t r : {8, 32, 128})
@@ -230,7 +253,7 @@ TYPED_TEST(CudaGroupedLoraTest, ShrinkBackwardMatchesCpu) {
 }
 
 TYPED_TEST(CudaGroupedLoraTest, WeightGradientsAccumulatePerExpert) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(104);
   const double s = 1.5;
   for (const Case& c : cases())
@@ -265,7 +288,7 @@ TYPED_TEST(CudaGroupedLoraTest, WeightGradientsAccumulatePerExpert) {
 // ---- edge cases ---------------------------------------------------------------------------------------------
 
 TYPED_TEST(CudaGroupedLoraTest, NoRowsAtAllAndAllRowsInTheLastExpert) {
-  using T = TypeParam;
+  using T = typename Storage<TypeParam>::type;
   Rng rng(105);
   const std::size_t in = 40, out = 24, r = 8;
   for (const std::vector<int>& counts : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 77}}) {

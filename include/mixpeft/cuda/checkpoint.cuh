@@ -74,17 +74,11 @@ CheckpointInfo load_checkpoint(const std::filesystem::path& path, AdamW<T>& opti
   namespace dc = mixpeft::detail::checkpoint;
   using S = typename AdamW<T>::state_type;
   const std::string w = dc::where("load_checkpoint", path);
-  std::map<std::string, Parameter<T, Cuda>*> trainable;
-  std::map<std::string, Shape> shapes;
-  for (const auto& ref : optimizer.parameters())
-    if (ref.param->trainable) {
-      trainable.emplace(ref.name, ref.param);
-      shapes.emplace(ref.name, shape_of(ref.param->value));
-    }
-  const dc::CheckedFile checked = dc::open_checked(path, shapes, rngs, w);
+  const auto trainable = dc::trainable_parameters(optimizer.parameters());
+  const dc::CheckedFile checked = dc::open_checked(path, trainable.shapes, rngs, w);
   const auto read = [&](const std::string& name) { return checked.file.read<S>(name); };
   std::map<std::string, Tensor<S>> values, m, v;
-  for (const auto& [name, p] : trainable) values.emplace(name, read(dc::model_prefix + name));
+  for (const auto& [name, p] : trainable.params) values.emplace(name, read(dc::model_prefix + name));
   for (const auto& [name, step] : checked.steps) {
     m.emplace(name, read(dc::exp_avg_prefix + name));
     v.emplace(name, read(dc::exp_avg_sq_prefix + name));
@@ -99,7 +93,7 @@ CheckpointInfo load_checkpoint(const std::filesystem::path& path, AdamW<T>& opti
     s.v = upload(v.at(name));
     s.step = step;
   }
-  for (const auto& [name, p] : trainable) {
+  for (const auto& [name, p] : trainable.params) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       const auto it = state.find(name);
       if (it != state.end()) {

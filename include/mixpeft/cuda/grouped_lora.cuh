@@ -29,13 +29,18 @@
 // so bad offsets give wrong numbers but never out-of-bounds accesses. Empty experts do no work (their CTAs
 // exit at once; their dA_e / dB_e are left untouched).
 //
-// Tiling (one SIMT kernel family; CUDA-core FMAs, no tensor cores yet). 256 threads per CTA, tile BM x BN x BK,
-// each thread a TM x TN register micro-tile (rows ty + 16 i, columns tx + 16 j: conflict-free shared reads and
-// coalesced stores), BK = 16, operands staged through shared memory as acc_t (converted on load), the next
-// k-tile prefetched into registers while the current one is multiplied. Configurations: BM x BN = 128 x 32
-// (N <= 32), 64 x 64 (N <= 64), 64 x 128 (wider). Global loads are 16-byte vectors (4 floats, 8 bf16,
-// 2 doubles) when the base pointer and the row pitch are 16-byte aligned, element loads otherwise (checked
-// per operand at launch), with bounds checks on every tile edge.
+// Two kernel families share the tiling, the CTA -> expert map, the split-K scheme and the epilogues:
+//   tensor cores (bf16 / fp16 operands of one type, on sm_80+; cuda/mma_tile.cuh): BK = 32, the operand tiles kept
+//     in their storage type in shared memory, 8 warps of mma.sync m16n8k16 with fp32 accumulators, which then go
+//     through shared memory into the CUDA-core epilogue mapping below. A gated operand (grad_B's t) is rounded
+//     once to the storage type after the gate is applied.
+//   CUDA cores (float, double, bf16 / fp16 weights with fp32 activations, and any GPU below sm_80): BK = 16,
+//     operands converted to acc_t on load into k-major shared tiles, each thread a TM x TN register micro-tile.
+// 256 threads per CTA, tile BM x BN; in the epilogue each thread owns TM x TN outputs (rows ty + 16 i, columns
+// tx + 16 j: conflict-free shared reads and coalesced stores). The next k-tile is fetched into registers while the
+// current one is multiplied. Configurations: BM x BN = 128 x 32 (N <= 32), 64 x 64 (N <= 64), 64 x 128 (wider).
+// Global loads are 16-byte vectors (4 floats, 8 bf16, 2 doubles) when the base pointer and the row pitch are
+// 16-byte aligned, element loads otherwise (checked per operand at launch), with bounds checks on every tile edge.
 //   Row ops (shrink, expand, expand_backward, shrink_backward): a CTA owns ONE expert's tile of BM rows
 //   (it never straddles two experts) and BN columns. The CTA -> (expert, row tile) map is found in the kernel:
 //   warp 0 scans ceil(count_e / BM) over the experts from offsets (a warp prefix sum, K / 32 steps), so the
@@ -49,16 +54,11 @@
 //   reduces over that expert's rows in BK-row steps (dA is computed as dA_e^T [in, r] so r is always the
 //   narrow N); experts with few CTAs split their rows over gridDim.z with fp32 partials [splits, K, *, r] and
 //   an in-order finalize kernel. With one split dW is updated in place by its only owner (deterministic).
-// Test hook: detail::GroupedSplitOverride forces the number of splits (0 = the heuristic).
-//
-// A future Hopper (wgmma) version would change: bf16 / fp16 tiles kept in storage type in shared memory in
-// the 128-byte swizzled layout, brought in by TMA (one tensor map per operand; the per-expert row range
-// becomes the tile's coordinates plus an OOB-filled tail) into a multi-stage mbarrier pipeline with a
-// producer warp; one or two consumer warpgroups issuing wgmma.mma_async m64nNk16 with N = r (8..128, a legal
-// wgmma N for shrink / expand_backward) or N = 128..256 for expand / dx, accumulators in registers; a
-// persistent grid walking a device tile table (expert, row tile) instead of one CTA per tile; fp32 stays
-// CUDA-core only (or TF32 behind an option). The CTA -> expert mapping, the split-K scheme and the epilogues
-// (gates, beta, gate dot, deterministic partial sums) stay as they are.
+// Test hooks: detail::GroupedSplitOverride forces the number of splits (0 = the heuristic);
+// detail::GroupedTensorCoreOverride(false) keeps bf16 / fp16 on the CUDA-core kernels.
+// Not yet: a Hopper wgmma / TMA pipeline (multi-stage, producer warp, persistent grid over a device tile table).
+// At r = 32 these GEMMs do about 32 FLOP per byte moved, so they should be bound by bandwidth rather than by
+// mma.sync throughput; whether they reach 90% of a dense GEMM of the same FLOPs is for a GPU run to show.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -76,6 +76,7 @@
 #include "mixpeft/cuda/error.cuh"
 #include "mixpeft/cuda/kernel_utils.cuh"
 #include "mixpeft/cuda/memory.cuh"
+#include "mixpeft/cuda/mma_tile.cuh"
 #include "mixpeft/ops/grouped_lora.hpp"
 
 namespace mixpeft::cuda {
@@ -86,6 +87,7 @@ namespace detail {
 inline constexpr int glora_threads = 256;
 inline constexpr int glora_pad = 4;  // shared-tile row padding (elements)
 
+// CUDA-core tiles: BM x BN x BK, each thread a TM x TN micro-tile (the epilogue's mapping for both families).
 template <int BM_, int BN_, int TM_, int TN_>
 struct GloraCfg {
   static constexpr int BM = BM_, BN = BN_, BK = 16, TM = TM_, TN = TN_;
@@ -97,24 +99,52 @@ using GloraCfg32 = GloraCfg<128, 32, 8, 2>;
 using GloraCfg64 = GloraCfg<64, 64, 4, 4>;
 using GloraCfg128 = GloraCfg<64, 128, 4, 8>;
 
-// ---- the split-K test hook -----------------------------------------------------------------------------
+// Tensor-core tiles: the same BM x BN (and epilogue mapping), BK = 32, WM x WN warps of mma.sync tiles.
+template <class Base, int WM, int WN>
+struct GloraMmaCfg : Base {
+  static constexpr int BK = 32;
+  using Warps = MmaWarps<Base::BM, Base::BN, WM, WN>;
+  static_assert(Warps::threads == glora_threads, "the warps must be the CTA's 256 threads");
+};
+using GloraMmaCfg32 = GloraMmaCfg<GloraCfg32, 8, 1>;    // a warp: 16 x 32
+using GloraMmaCfg64 = GloraMmaCfg<GloraCfg64, 4, 2>;    // 16 x 32
+using GloraMmaCfg128 = GloraMmaCfg<GloraCfg128, 2, 4>;  // 32 x 32
+
+// ---- test hooks ----------------------------------------------------------------------------------------
+
+// Sets a thread-local setting while alive and restores it after.
+template <class T>
+class ScopedSetting {
+ public:
+  ScopedSetting(T& slot, T value) : slot_(slot), saved_(slot) { slot_ = value; }
+  ~ScopedSetting() { slot_ = saved_; }
+  ScopedSetting(const ScopedSetting&) = delete;
+  ScopedSetting& operator=(const ScopedSetting&) = delete;
+
+ private:
+  T& slot_;
+  T saved_;
+};
 
 inline int& grouped_split_override() {
   thread_local int splits = 0;
   return splits;
 }
+inline bool& grouped_tensor_cores_allowed() {
+  thread_local bool allowed = true;
+  return allowed;
+}
 
 // Forces the number of reduction splits of the grouped LoRA ops on this thread while alive (0: heuristic).
-class GroupedSplitOverride {
- public:
-  explicit GroupedSplitOverride(int splits) : saved_(grouped_split_override()) { grouped_split_override() = splits; }
-  ~GroupedSplitOverride() { grouped_split_override() = saved_; }
-  GroupedSplitOverride(const GroupedSplitOverride&) = delete;
-  GroupedSplitOverride& operator=(const GroupedSplitOverride&) = delete;
-
- private:
-  int saved_;
+struct GroupedSplitOverride : ScopedSetting<int> {
+  explicit GroupedSplitOverride(int splits) : ScopedSetting(grouped_split_override(), splits) {}
 };
+// Allows or forbids the tensor-core kernels on this thread while alive (forbidden: the CUDA-core kernels run).
+struct GroupedTensorCoreOverride : ScopedSetting<bool> {
+  explicit GroupedTensorCoreOverride(bool allow) : ScopedSetting(grouped_tensor_cores_allowed(), allow) {}
+};
+
+inline bool glora_tensor_cores() { return grouped_tensor_cores_allowed() && tensor_cores_available(); }
 
 // Splits of a reduction of `ktiles` BK-steps run by `ctas` CTAs: enough to give the GPU about two CTAs per SM,
 // each split keeping at least 16 steps, at most 32 splits.
@@ -213,6 +243,143 @@ __device__ inline void glora_tile_fma(const Acc (*As)[Cfg::BM + glora_pad], cons
   }
 }
 
+// ---- the tile math of the two kernel families --------------------------------------------------------
+//
+// A math object owns a CTA's operand tiles (in `smem`, its shared buffer of smem_bytes) and accumulators:
+//   run(kb, ktiles, load)   the main loop: load(k0) fetches the operand tiles at reduction index k0 into registers
+//                           (load_a / load_b: a tile loader's load); tile kt is stored to shared memory while tile kt + 1 is
+//                           fetched, then multiplied
+//   result(out)             the accumulators in the CUDA-core epilogue mapping: out[i][j] = (row ty + TY i,
+//                           column tx + TX j) of the BM x BN tile, with tx = thread % TX, ty = thread / TX
+// Operand A is BM rows of the product (KA: its reduction index is contiguous), B is BN columns (KB likewise).
+
+template <int BK, class Load, class Store, class Multiply>
+__device__ inline void glora_main_loop(int kb, int ktiles, Load&& load, Store&& store, Multiply&& multiply) {
+  if (ktiles > 0) load(kb);
+  for (int kt = 0; kt < ktiles; ++kt) {
+    store();
+    __syncthreads();
+    if (kt + 1 < ktiles) load(kb + (kt + 1) * BK);
+    multiply();
+    __syncthreads();
+  }
+}
+
+// CUDA cores: operands converted to Acc on load into k-major shared tiles, TM x TN register micro-tiles.
+template <class Cfg, class TA, class TB, class Acc, bool KA, bool KB>
+struct GloraSimtMath {
+  static constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
+  static constexpr std::size_t a_bytes = sizeof(Acc) * BK * (BM + glora_pad);
+  static constexpr std::size_t smem_bytes = a_bytes + sizeof(Acc) * BK * (BN + glora_pad);
+
+  Acc (*As)[BM + glora_pad];
+  Acc (*Bs)[BN + glora_pad];
+  GloraTileLoader<TA, Acc, BM, BK, KA> a;
+  GloraTileLoader<TB, Acc, BN, BK, KB> b;
+  Acc acc[Cfg::TM][Cfg::TN] = {};
+  int tx = int(threadIdx.x) % Cfg::TX, ty = int(threadIdx.x) / Cfg::TX;
+
+  __device__ explicit GloraSimtMath(unsigned char* smem)
+      : As(reinterpret_cast<Acc (*)[BM + glora_pad]>(smem)),
+        Bs(reinterpret_cast<Acc (*)[BN + glora_pad]>(smem + a_bytes)) {}
+
+  // The loaders' load(src, ld, i0, i_end, k0, k_end, vec, row_scale).
+  template <class... Args>
+  __device__ void load_a(const Args&... args) {
+    a.load(args...);
+  }
+  template <class... Args>
+  __device__ void load_b(const Args&... args) {
+    b.load(args...);
+  }
+
+  template <class Load>
+  __device__ void run(int kb, int ktiles, Load&& load) {
+    glora_main_loop<BK>(
+        kb, ktiles, load,
+        [&] {
+          a.store(As);
+          b.store(Bs);
+        },
+        [&] { glora_tile_fma<Cfg>(As, Bs, acc, ty, tx); });
+  }
+  __device__ void result(Acc (&out)[Cfg::TM][Cfg::TN]) const {
+#pragma unroll
+    for (int i = 0; i < Cfg::TM; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; ++j) out[i][j] = acc[i][j];
+  }
+};
+
+// Tensor cores (cuda/mma_tile.cuh): operands kept in their 16-bit storage type, 8 warps of mma.sync tiles; the
+// accumulators are staged through the same shared buffer into the epilogue mapping.
+template <class Cfg, class S, bool KA, bool KB>
+struct GloraMmaMath {
+  using W = typename Cfg::Warps;
+  static constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
+  using TileA = MmaTile<BM, BK, KA>;
+  using TileB = MmaTile<BN, BK, KB>;
+  static constexpr std::size_t tiles = TileA::bytes + TileB::bytes, staged = mma_staged_bytes<W>;
+  static constexpr std::size_t smem_bytes = tiles > staged ? tiles : staged;
+
+  unsigned char* smem;
+  TileA ta;
+  TileB tb;
+  MmaTileLoader<S, BM, BK, KA, glora_threads> a;
+  MmaTileLoader<S, BN, BK, KB, glora_threads> b;
+  float acc[W::MI][W::NI][4] = {};
+
+  __device__ explicit GloraMmaMath(unsigned char* buffer)
+      : smem(buffer),
+        ta{reinterpret_cast<std::uint16_t*>(buffer)},
+        tb{reinterpret_cast<std::uint16_t*>(buffer + TileA::bytes)} {}
+
+  template <class... Args>
+  __device__ void load_a(const Args&... args) {
+    a.load(args..., int(threadIdx.x));
+  }
+  template <class... Args>
+  __device__ void load_b(const Args&... args) {
+    b.load(args..., int(threadIdx.x));
+  }
+
+  template <class Load>
+  __device__ void run(int kb, int ktiles, Load&& load) {
+    glora_main_loop<BK>(
+        kb, ktiles, load,
+        [&] {
+          a.store(ta, int(threadIdx.x));
+          b.store(tb, int(threadIdx.x));
+        },
+        [&] { mma_tile_product<W, S, BK>(ta, tb, acc, int(threadIdx.x)); });
+  }
+  // Every thread must call it (it synchronises the CTA); the operand tiles are dead once run() has returned.
+  __device__ void result(float (&out)[Cfg::TM][Cfg::TN]) {
+    float* cs = reinterpret_cast<float*>(smem);
+    stage_accumulators<W>(acc, cs, int(threadIdx.x));
+    __syncthreads();
+    const int tx = int(threadIdx.x) % Cfg::TX, ty = int(threadIdx.x) / Cfg::TX;
+#pragma unroll
+    for (int i = 0; i < Cfg::TM; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; ++j) out[i][j] = cs[(ty + Cfg::TY * i) * (BN + 4) + tx + Cfg::TX * j];
+  }
+};
+
+// The math of a configuration: tensor cores for a GloraMmaCfg (whose operands are then one 16-bit type).
+template <class Cfg, class TA, class TB, class Acc, bool KA, bool KB>
+struct GloraMathOf {
+  using type = GloraSimtMath<Cfg, TA, TB, Acc, KA, KB>;
+};
+template <class Cfg, class TA, class TB, class Acc, bool KA, bool KB>
+  requires requires { typename Cfg::Warps; }
+struct GloraMathOf<Cfg, TA, TB, Acc, KA, KB> {
+  static_assert(std::is_same_v<TA, TB> && std::is_same_v<Acc, float>, "tensor-core tiles: one 16-bit operand type");
+  using type = GloraMmaMath<Cfg, TA, KA, KB>;
+};
+template <class Cfg, class TA, class TB, class Acc, bool KA, bool KB>
+using GloraMath = typename GloraMathOf<Cfg, TA, TB, Acc, KA, KB>::type;
+
 // Rows [b, e) of expert `expert`, clamped to [0, m).
 __device__ inline void glora_expert_rows(const std::int32_t* __restrict__ offsets, int expert, int m, int& b, int& e) {
   b = min(max(offsets[expert], 0), m);
@@ -277,74 +444,49 @@ struct RowsParams {
   bool vec_a, vec_w;
 };
 
-template <class Cfg, bool WT, class TA, class TB, class TC, class Acc>
-__global__ void __launch_bounds__(glora_threads) grouped_rows_kernel(RowsParams<TA, TB, TC, Acc> p) {
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
-  __shared__ Acc As[BK][BM + glora_pad];
-  __shared__ Acc Bs[BK][BN + glora_pad];
+// This CTA's row tile (blockIdx.x): its expert e and rows [r0, r1), found by warp 0 and shared with the CTA.
+// e < 0 (uniform over the CTA): past the last tile, nothing to do.
+template <int BM>
+__device__ inline void glora_cta_row_tile(const std::int32_t* __restrict__ offsets, int experts, int m, int& e,
+                                          int& r0, int& r1) {
   __shared__ int tile_info[3];
   if (threadIdx.x < 32) {
-    int e, r0, r1;
-    glora_find_row_tile(p.offsets, p.experts, p.m, BM, int(blockIdx.x), e, r0, r1);
-    if (threadIdx.x == 0) tile_info[0] = e, tile_info[1] = r0, tile_info[2] = r1;
+    int te, t0, t1;
+    glora_find_row_tile(offsets, experts, m, BM, int(blockIdx.x), te, t0, t1);
+    if (threadIdx.x == 0) tile_info[0] = te, tile_info[1] = t0, tile_info[2] = t1;
   }
   __syncthreads();
-  const int e = tile_info[0], r0 = tile_info[1], r1 = tile_info[2];
-  if (e < 0) return;  // uniform over the CTA
-  const int n0 = int(blockIdx.y) * BN;
-  const int kb = int(blockIdx.z) * p.k_chunk, ke = min(p.k, kb + p.k_chunk);
-  const TB* w = p.w + std::int64_t(e) * p.w_stride;
-  const int tx = int(threadIdx.x) % Cfg::TX, ty = int(threadIdx.x) / Cfg::TX;
+  e = tile_info[0], r0 = tile_info[1], r1 = tile_info[2];
+}
 
-  GloraTileLoader<TA, Acc, BM, BK, true> la;
-  GloraTileLoader<TB, Acc, BN, BK, WT> lb;
-  Acc acc[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-
-  const int ktiles = ke > kb ? (ke - kb + BK - 1) / BK : 0;
-  if (ktiles > 0) {
-    la.load(p.a, p.lda, r0, r1, kb, ke, p.vec_a, nullptr);
-    lb.load(w, p.ldw, n0, p.n, kb, ke, p.vec_w, nullptr);
-  }
-  for (int kt = 0; kt < ktiles; ++kt) {
-    la.store(As);
-    lb.store(Bs);
-    __syncthreads();
-    if (kt + 1 < ktiles) {
-      const int k0 = kb + (kt + 1) * BK;
-      la.load(p.a, p.lda, r0, r1, k0, ke, p.vec_a, nullptr);
-      lb.load(w, p.ldw, n0, p.n, k0, ke, p.vec_w, nullptr);
-    }
-    glora_tile_fma<Cfg>(As, Bs, acc, ty, tx);
-    __syncthreads();
-  }
-
+// The row ops' epilogue for thread (ty, tx)'s accumulators acc[i][jj] = (row r0 + ty + TY i, column n0 + tx + TX jj):
+// raw sums to the split-K scratch, or alpha, the gate dot, the gate and beta applied and the result stored.
+template <class Cfg, class TA, class TB, class TC, class Acc>
+__device__ inline void glora_rows_epilogue(const RowsParams<TA, TB, TC, Acc>& p, const Acc (&acc)[Cfg::TM][Cfg::TN],
+                                           int r0, int r1, int n0, int ty, int tx) {
   if (p.partial) {
     Acc* part = p.partial + std::int64_t(blockIdx.z) * p.m * p.n;
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
+    for (int i = 0; i < Cfg::TM; ++i) {
       const int j = r0 + ty + Cfg::TY * i;
       if (j >= r1) continue;
 #pragma unroll
-      for (int jj = 0; jj < TN; ++jj) {
+      for (int jj = 0; jj < Cfg::TN; ++jj) {
         const int n = n0 + tx + Cfg::TX * jj;
         if (n < p.n) part[std::int64_t(j) * p.n + n] = acc[i][jj];
       }
     }
     return;
   }
-  // Epilogue (the CTA holds whole rows when dgates is given: gridDim.y == 1).
+  // The CTA holds whole rows when dgates is given (gridDim.y == 1).
 #pragma unroll
-  for (int i = 0; i < TM; ++i) {
+  for (int i = 0; i < Cfg::TM; ++i) {
     const int j = r0 + ty + Cfg::TY * i;
     const bool row_ok = j < r1;
     const Acc g = row_ok && p.gates ? p.gates[j] : Acc(1);
     Acc dot = 0;
 #pragma unroll
-    for (int jj = 0; jj < TN; ++jj) {
+    for (int jj = 0; jj < Cfg::TN; ++jj) {
       const int n = n0 + tx + Cfg::TX * jj;
       if (!row_ok || n >= p.n) continue;
       const std::int64_t at = std::int64_t(j) * p.n + n;
@@ -359,6 +501,27 @@ __global__ void __launch_bounds__(glora_threads) grouped_rows_kernel(RowsParams<
       if (tx == 0 && row_ok) p.dgates[j] += dot;
     }
   }
+}
+
+// The row kernel of either family (Cfg: GloraCfg* or GloraMmaCfg*).
+template <class Cfg, bool WT, class TA, class TB, class TC, class Acc>
+__global__ void __launch_bounds__(glora_threads) grouped_rows_kernel(RowsParams<TA, TB, TC, Acc> p) {
+  using Math = GloraMath<Cfg, TA, TB, Acc, true, WT>;
+  __shared__ __align__(16) unsigned char smem[Math::smem_bytes];
+  int e, r0, r1;
+  glora_cta_row_tile<Cfg::BM>(p.offsets, p.experts, p.m, e, r0, r1);
+  if (e < 0) return;
+  const int n0 = int(blockIdx.y) * Cfg::BN;
+  const int kb = int(blockIdx.z) * p.k_chunk, ke = min(p.k, kb + p.k_chunk);
+  const TB* w = p.w + std::int64_t(e) * p.w_stride;
+  Math math(smem);
+  math.run(kb, ke > kb ? (ke - kb + Cfg::BK - 1) / Cfg::BK : 0, [&](int k0) {
+    math.load_a(p.a, p.lda, r0, r1, k0, ke, p.vec_a, nullptr);
+    math.load_b(w, p.ldw, n0, p.n, k0, ke, p.vec_w, nullptr);
+  });
+  Acc out[Cfg::TM][Cfg::TN];
+  math.result(out);
+  glora_rows_epilogue<Cfg>(p, out, r0, r1, n0, int(threadIdx.x) / Cfg::TX, int(threadIdx.x) % Cfg::TX);
 }
 
 // The split-K epilogue, one warp per row: v = alpha * sum_z partial[z, j, :] (in order), then as above.
@@ -385,6 +548,10 @@ __global__ void grouped_rows_finalize_kernel(const Acc* __restrict__ partial, in
     }
   }
 }
+
+// Operand pairs that run on tensor cores (when the device has them): both bf16 or both fp16.
+template <class TA, class TB>
+inline constexpr bool glora_mma_types_v = std::is_same_v<TA, TB> && is_reduced_float_v<TA>;
 
 template <class T>
 bool glora_vector_ok(const T* p, std::size_t ld) {
@@ -420,8 +587,8 @@ void launch_grouped_rows(const char* op, bool narrow_n, const TA* a, std::size_t
                                         .k_chunk = int(k_chunk), .vec_a = glora_vector_ok(a, lda),
                                         .vec_w = glora_vector_ok(w, ldw)};
     const cudaStream_t stream = current_stream();
-    grouped_rows_kernel<Cfg, WT><<<dim3(unsigned(max_tiles), unsigned(ntiles), unsigned(splits)), glora_threads, 0,
-                                   stream>>>(p);
+    const dim3 grid{unsigned(max_tiles), unsigned(ntiles), unsigned(splits)};
+    grouped_rows_kernel<Cfg, WT><<<grid, glora_threads, 0, stream>>>(p);
     check_launch(op);
     if (use_partial) {
       constexpr unsigned block = 256;
@@ -431,9 +598,14 @@ void launch_grouped_rows(const char* op, bool narrow_n, const TA* a, std::size_t
       check_launch(op);
     }
   };
-  if (!narrow_n || n > 64) run(GloraCfg128{});
-  else if (n > 32) run(GloraCfg64{});
-  else run(GloraCfg32{});
+  const auto pick = [&]<class Simt, class Mma>(Simt, Mma) {
+    if constexpr (glora_mma_types_v<TA, TB>)
+      if (glora_tensor_cores()) return run(Mma{});
+    run(Simt{});
+  };
+  if (!narrow_n || n > 64) pick(GloraCfg128{}, GloraMmaCfg128{});
+  else if (n > 32) pick(GloraCfg64{}, GloraMmaCfg64{});
+  else pick(GloraCfg32{}, GloraMmaCfg32{});
 }
 
 // ---- weight gradients ----------------------------------------------------------------------------------
@@ -454,54 +626,30 @@ struct WgradParams {
   bool vec_u, vec_v;
 };
 
-template <class Cfg, class TU, class TV, class TD, class Acc>
-__global__ void __launch_bounds__(glora_threads) grouped_wgrad_kernel(WgradParams<TU, TV, TD, Acc> p) {
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, TM = Cfg::TM, TN = Cfg::TN;
-  __shared__ Acc As[BK][BM + glora_pad];
-  __shared__ Acc Bs[BK][BN + glora_pad];
-  const int e = int(blockIdx.y);
-  const int m0 = int(blockIdx.x) % p.mtiles * BM, n0 = int(blockIdx.x) / p.mtiles * BN;
+// This CTA's share of expert blockIdx.y's rows: [rb, re), split blockIdx.z of p.splits. false: nothing to do
+// (an empty expert with no split: dW_e += 0; with splits the CTA still writes its zero partial sums).
+template <class P>
+__device__ inline bool glora_wgrad_rows(const P& p, int bk, int& rb, int& re) {
   int b, en;
-  glora_expert_rows(p.offsets, e, p.rows, b, en);
-  const int steps = (en - b + BK - 1) / BK;
-  const int chunk = (steps + p.splits - 1) / p.splits * BK;
-  const int rb = min(en, b + int(blockIdx.z) * chunk), re = min(en, rb + chunk);
-  if (p.splits == 1 && rb >= re) return;  // an empty expert: dW_e += 0
-  const int tx = int(threadIdx.x) % Cfg::TX, ty = int(threadIdx.x) / Cfg::TX;
+  glora_expert_rows(p.offsets, int(blockIdx.y), p.rows, b, en);
+  const int steps = (en - b + bk - 1) / bk;
+  const int chunk = (steps + p.splits - 1) / p.splits * bk;
+  rb = min(en, b + int(blockIdx.z) * chunk), re = min(en, rb + chunk);
+  return !(p.splits == 1 && rb >= re);
+}
 
-  GloraTileLoader<TU, Acc, BM, BK, false> la;
-  GloraTileLoader<TV, Acc, BN, BK, false> lb;
-  Acc acc[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-
-  const int ktiles = re > rb ? (re - rb + BK - 1) / BK : 0;
-  if (ktiles > 0) {
-    la.load(p.u, p.md, m0, p.md, rb, re, p.vec_u, nullptr);
-    lb.load(p.v, p.n, n0, p.n, rb, re, p.vec_v, p.gates);
-  }
-  for (int kt = 0; kt < ktiles; ++kt) {
-    la.store(As);
-    lb.store(Bs);
-    __syncthreads();
-    if (kt + 1 < ktiles) {
-      const int k0 = rb + (kt + 1) * BK;
-      la.load(p.u, p.md, m0, p.md, k0, re, p.vec_u, nullptr);
-      lb.load(p.v, p.n, n0, p.n, k0, re, p.vec_v, p.gates);
-    }
-    glora_tile_fma<Cfg>(As, Bs, acc, ty, tx);
-    __syncthreads();
-  }
-
+// The weight gradients' epilogue for thread (ty, tx)'s accumulators (wide index m0 + ty + TY i, rank n0 + tx + TX jj).
+template <class Cfg, class TU, class TV, class TD, class Acc>
+__device__ inline void glora_wgrad_epilogue(const WgradParams<TU, TV, TD, Acc>& p, const Acc (&acc)[Cfg::TM][Cfg::TN],
+                                            int m0, int n0, int ty, int tx) {
+  const int e = int(blockIdx.y);
   const std::int64_t slab = std::int64_t(p.md) * p.n;
 #pragma unroll
-  for (int i = 0; i < TM; ++i) {
+  for (int i = 0; i < Cfg::TM; ++i) {
     const int m = m0 + ty + Cfg::TY * i;
     if (m >= p.md) continue;
 #pragma unroll
-    for (int jj = 0; jj < TN; ++jj) {
+    for (int jj = 0; jj < Cfg::TN; ++jj) {
       const int n = n0 + tx + Cfg::TX * jj;
       if (n >= p.n) continue;
       if (p.splits > 1) {
@@ -513,6 +661,24 @@ __global__ void __launch_bounds__(glora_threads) grouped_wgrad_kernel(WgradParam
       }
     }
   }
+}
+
+// The weight-gradient kernel of either family: both operands run along the reduction (the rows j).
+template <class Cfg, class TU, class TV, class TD, class Acc>
+__global__ void __launch_bounds__(glora_threads) grouped_wgrad_kernel(WgradParams<TU, TV, TD, Acc> p) {
+  using Math = GloraMath<Cfg, TU, TV, Acc, false, false>;
+  __shared__ __align__(16) unsigned char smem[Math::smem_bytes];
+  const int m0 = int(blockIdx.x) % p.mtiles * Cfg::BM, n0 = int(blockIdx.x) / p.mtiles * Cfg::BN;
+  int rb, re;
+  if (!glora_wgrad_rows(p, Cfg::BK, rb, re)) return;
+  Math math(smem);
+  math.run(rb, re > rb ? (re - rb + Cfg::BK - 1) / Cfg::BK : 0, [&](int k0) {
+    math.load_a(p.u, p.md, m0, p.md, k0, re, p.vec_u, nullptr);
+    math.load_b(p.v, p.n, n0, p.n, k0, re, p.vec_v, p.gates);
+  });
+  Acc out[Cfg::TM][Cfg::TN];
+  math.result(out);
+  glora_wgrad_epilogue<Cfg>(p, out, m0, n0, int(threadIdx.x) / Cfg::TX, int(threadIdx.x) % Cfg::TX);
 }
 
 template <class TD, class Acc>
@@ -548,8 +714,8 @@ void launch_grouped_wgrad(const char* op, const TU* u, const TV* v, const Acc* g
                                          .transposed = transposed, .partial = splits > 1 ? partial.data() : nullptr,
                                          .vec_u = glora_vector_ok(u, md), .vec_v = glora_vector_ok(v, n)};
     const cudaStream_t stream = current_stream();
-    grouped_wgrad_kernel<Cfg><<<dim3(unsigned(mtiles * ntiles), unsigned(experts), unsigned(splits)), glora_threads,
-                                0, stream>>>(p);
+    const dim3 grid{unsigned(mtiles * ntiles), unsigned(experts), unsigned(splits)};
+    grouped_wgrad_kernel<Cfg><<<grid, glora_threads, 0, stream>>>(p);
     check_launch(op);
     if (splits > 1) {
       constexpr unsigned block = 256;
@@ -558,9 +724,14 @@ void launch_grouped_wgrad(const char* op, const TU* u, const TV* v, const Acc* g
       check_launch(op);
     }
   };
-  if (n > 64) run(GloraCfg128{});
-  else if (n > 32) run(GloraCfg64{});
-  else run(GloraCfg32{});
+  const auto pick = [&]<class Simt, class Mma>(Simt, Mma) {
+    if constexpr (glora_mma_types_v<TU, TV>)
+      if (glora_tensor_cores()) return run(Mma{});
+    run(Simt{});
+  };
+  if (n > 64) pick(GloraCfg128{}, GloraMmaCfg128{});
+  else if (n > 32) pick(GloraCfg64{}, GloraMmaCfg64{});
+  else pick(GloraCfg32{}, GloraMmaCfg32{});
 }
 
 // ---- host-side checks ----------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ struct DeviceRegistry {
   std::mutex mutex;
   std::map<int, cudaStream_t> streams;
   std::map<int, int> sm_counts;
+  std::map<int, int> compute_majors;
 
   static DeviceRegistry& instance() {
     static DeviceRegistry registry;
@@ -101,18 +102,33 @@ class StreamGuard {
   std::optional<cudaStream_t> saved_;
 };
 
-// Multiprocessor count of the current device (sizes grid-stride launches).
-inline int sm_count() {
+namespace detail {
+
+// An attribute of the current device, read once per device and kept in `cache` (a map of the registry).
+inline int cached_device_attribute(std::map<int, int> DeviceRegistry::*cache, cudaDeviceAttr attribute) {
   const int device = current_device();
-  auto& registry = detail::DeviceRegistry::instance();
+  auto& registry = DeviceRegistry::instance();
   std::lock_guard lock(registry.mutex);
-  auto it = registry.sm_counts.find(device);
-  if (it == registry.sm_counts.end()) {
-    int count = 0;
-    MIXPEFT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    it = registry.sm_counts.emplace(device, count).first;
+  auto& values = registry.*cache;
+  auto it = values.find(device);
+  if (it == values.end()) {
+    int value = 0;
+    MIXPEFT_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+    it = values.emplace(device, value).first;
   }
   return it->second;
+}
+
+}  // namespace detail
+
+// Multiprocessor count of the current device (sizes grid-stride launches).
+inline int sm_count() {
+  return detail::cached_device_attribute(&detail::DeviceRegistry::sm_counts, cudaDevAttrMultiProcessorCount);
+}
+
+// Major compute capability of the current device (9 on Hopper), for choosing kernels by architecture.
+inline int compute_capability_major() {
+  return detail::cached_device_attribute(&detail::DeviceRegistry::compute_majors, cudaDevAttrComputeCapabilityMajor);
 }
 
 inline void synchronize(cudaStream_t stream = current_stream()) { MIXPEFT_CUDA_CHECK(cudaStreamSynchronize(stream)); }

@@ -20,7 +20,8 @@
 // code; it can hide imbalance inside single layers). A group with no valid tokens contributes 0.
 // Backward writes nothing: it accumulates w * dloss * dL/dp into RouterGrad::dprobs and dL/dl into
 // RouterGrad::dlogits of each layer (an absent or wrongly shaped buffer is resized to [N, K] and zeroed
-// first; clear() the RouterGrads every step). Nothing is cached: backward recomputes the count terms, O(L N K).
+// first; clear() the RouterGrads every step). The losses keep no state: backward counts again, O(L N K), unless
+// BalanceLoss::backward is handed the Counts its forward filled in.
 // A NaN or Inf loss throws NumericError.
 #pragma once
 
@@ -209,11 +210,15 @@ inline double finite_loss(std::string_view op, double value) {
   return value;
 }
 
-}  // namespace detail
+// Each count-based loss from its tally: the loss value, and the coefficients coef[group, j] of dL/dp_tj (times scale).
+struct BalanceMath {
+  const char* op;
+  bool by_sample, all_slots;  // what tally_layers counts for it
+  double (*value)(const ExpertTally&);
+  std::vector<double> (*coefficients)(const ExpertTally&, double scale);
+};
 
-template <class T, class Backend>
-T mole_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  const auto t = detail::tally_layers("mole_balance", layers, tokens, true, false);
+inline double mole_value(const ExpertTally& t) {
   double total = 0, used = 0;
   for (std::size_t b = 0; b < t.valid.size(); ++b) {
     if (t.valid[b] == 0) continue;
@@ -222,61 +227,103 @@ T mole_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceToke
     total += lb / (t.valid[b] * t.valid[b]);
     used += 1;
   }
-  return T(detail::finite_loss("mole_balance", used > 0 ? total / used : 0.0));
+  return used > 0 ? total / used : 0.0;
 }
-
-template <class T, class Backend>
-void mole_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
-                           std::span<RouterGrad<T, Backend>* const> grads) {
-  const auto t = detail::tally_layers("mole_balance", layers, tokens, true, false);
+inline std::vector<double> mole_coefficients(const ExpertTally& t, double scale) {
   double used = 0;
   for (double v : t.valid) used += v > 0;
   std::vector<double> coef(t.count.size(), 0.0);
   for (std::size_t b = 0; b < t.valid.size(); ++b)
     for (std::size_t j = 0; j < t.experts && t.valid[b] > 0; ++j)
-      coef[b * t.experts + j] = double(scale) * t.count[b * t.experts + j] / (t.valid[b] * t.valid[b] * used);
-  detail::add_prob_grads(layers, tokens, true, grads, std::span<const double>(coef));
+      coef[b * t.experts + j] = scale * t.count[b * t.experts + j] / (t.valid[b] * t.valid[b] * used);
+  return coef;
+}
+
+inline double assigned(const ExpertTally& t) {
+  double a = 0;
+  for (double c : t.count) a += c;
+  return a;
+}
+inline double switch_value(const ExpertTally& t) {
+  if (t.valid[0] == 0) return 0.0;
+  double fp = 0;
+  for (std::size_t i = 0; i < t.experts; ++i) fp += t.count[i] / assigned(t) * t.prob_sum[i] / t.valid[0];
+  return double(t.experts) * fp;
+}
+inline std::vector<double> switch_coefficients(const ExpertTally& t, double scale) {
+  std::vector<double> coef(t.experts, 0.0);
+  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
+    coef[i] = scale * double(t.experts) * (t.count[i] / assigned(t)) / t.valid[0];
+  return coef;
+}
+
+inline double gshard_value(const ExpertTally& t) {
+  if (t.valid[0] == 0) return 0.0;
+  double s = 0;
+  for (std::size_t i = 0; i < t.experts; ++i) s += t.count[i] * t.prob_sum[i];
+  return s / (double(t.experts) * t.valid[0] * t.valid[0]);
+}
+inline std::vector<double> gshard_coefficients(const ExpertTally& t, double scale) {
+  std::vector<double> coef(t.experts, 0.0);
+  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
+    coef[i] = scale * t.count[i] / (double(t.experts) * t.valid[0] * t.valid[0]);
+  return coef;
+}
+
+inline constexpr BalanceMath mole_math{"mole_balance", true, false, mole_value, mole_coefficients};
+inline constexpr BalanceMath switch_math{"switch_balance", false, true, switch_value, switch_coefficients};
+inline constexpr BalanceMath gshard_math{"gshard_balance", false, false, gshard_value, gshard_coefficients};
+
+template <class T, class Backend>
+ExpertTally tally_for(const BalanceMath& m, RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  return tally_layers(m.op, layers, tokens, m.by_sample, m.all_slots);
+}
+
+template <class T>
+T balance_value(const BalanceMath& m, const ExpertTally& t) {
+  return T(finite_loss(m.op, m.value(t)));
+}
+
+template <class T, class Backend>
+void balance_gradient(const BalanceMath& m, RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens,
+                      const ExpertTally& t, T scale, std::span<RouterGrad<T, Backend>* const> grads) {
+  const std::vector<double> coef = m.coefficients(t, double(scale));
+  add_prob_grads(layers, tokens, m.by_sample, grads, std::span<const double>(coef));
+}
+
+}  // namespace detail
+
+template <class T, class Backend>
+T mole_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
+  return detail::balance_value<T>(detail::mole_math, detail::tally_for(detail::mole_math, layers, tokens));
+}
+template <class T, class Backend>
+void mole_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
+                           std::span<RouterGrad<T, Backend>* const> grads) {
+  detail::balance_gradient(detail::mole_math, layers, tokens, detail::tally_for(detail::mole_math, layers, tokens),
+                           scale, grads);
 }
 
 template <class T, class Backend>
 T switch_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  const auto t = detail::tally_layers("switch_balance", layers, tokens, false, true);
-  if (t.valid[0] == 0) return T(0);
-  double assigned = 0, fp = 0;
-  for (double c : t.count) assigned += c;
-  for (std::size_t i = 0; i < t.experts; ++i) fp += t.count[i] / assigned * t.prob_sum[i] / t.valid[0];
-  return T(detail::finite_loss("switch_balance", double(t.experts) * fp));
+  return detail::balance_value<T>(detail::switch_math, detail::tally_for(detail::switch_math, layers, tokens));
 }
-
 template <class T, class Backend>
 void switch_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
                              std::span<RouterGrad<T, Backend>* const> grads) {
-  const auto t = detail::tally_layers("switch_balance", layers, tokens, false, true);
-  double assigned = 0;
-  for (double c : t.count) assigned += c;
-  std::vector<double> coef(t.experts, 0.0);
-  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
-    coef[i] = double(scale) * double(t.experts) * (t.count[i] / assigned) / t.valid[0];
-  detail::add_prob_grads(layers, tokens, false, grads, std::span<const double>(coef));
+  detail::balance_gradient(detail::switch_math, layers, tokens, detail::tally_for(detail::switch_math, layers, tokens),
+                           scale, grads);
 }
 
 template <class T, class Backend>
 T gshard_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  const auto t = detail::tally_layers("gshard_balance", layers, tokens, false, false);
-  if (t.valid[0] == 0) return T(0);
-  double s = 0;
-  for (std::size_t i = 0; i < t.experts; ++i) s += t.count[i] * t.prob_sum[i];
-  return T(detail::finite_loss("gshard_balance", s / (double(t.experts) * t.valid[0] * t.valid[0])));
+  return detail::balance_value<T>(detail::gshard_math, detail::tally_for(detail::gshard_math, layers, tokens));
 }
-
 template <class T, class Backend>
 void gshard_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
                              std::span<RouterGrad<T, Backend>* const> grads) {
-  const auto t = detail::tally_layers("gshard_balance", layers, tokens, false, false);
-  std::vector<double> coef(t.experts, 0.0);
-  for (std::size_t i = 0; i < t.experts && t.valid[0] > 0; ++i)
-    coef[i] = double(scale) * t.count[i] / (double(t.experts) * t.valid[0] * t.valid[0]);
-  detail::add_prob_grads(layers, tokens, false, grads, std::span<const double>(coef));
+  detail::balance_gradient(detail::gshard_math, layers, tokens, detail::tally_for(detail::gshard_math, layers, tokens),
+                           scale, grads);
 }
 
 namespace detail {
@@ -294,6 +341,23 @@ std::pair<double, double> z_sums(RoutingSpan<T, Backend> layers, const BalanceTo
   }
   return {sum, valid};
 }
+
+// grads[l]->dlogits += scale dL/dl for `valid` counted (layer, token) pairs.
+template <class T, class Backend>
+void z_gradient(RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, double valid, T scale,
+                std::span<RouterGrad<T, Backend>* const> grads) {
+  require<ShapeError>(grads.size() == layers.size(), "router_z_loss backward: ", grads.size(),
+                      " router gradients for ", layers.size(), " layers");
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    auto& d = grads[l]->dlogits;
+    const auto& logits = layers[l]->logits;
+    if (!has_shape(d, {logits.shape()[0], logits.shape()[1]})) {
+      resize_to(d, shape_of(logits));
+      set_zero(d);
+    }
+    if (valid > 0) router_z_backward_add(logits, tokens.mask, double(scale) * 2.0 / valid, d);
+  }
+}
 }  // namespace detail
 
 template <class T, class Backend>
@@ -305,18 +369,7 @@ T router_z_loss_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTok
 template <class T, class Backend>
 void router_z_loss_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
                             std::span<RouterGrad<T, Backend>* const> grads) {
-  require<ShapeError>(grads.size() == layers.size(), "router_z_loss backward: ", grads.size(),
-                      " router gradients for ", layers.size(), " layers");
-  const double valid = detail::z_sums(layers, tokens).second;
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    auto& d = grads[l]->dlogits;
-    const auto& logits = layers[l]->logits;
-    if (!has_shape(d, {logits.shape()[0], logits.shape()[1]})) {
-      resize_to(d, shape_of(logits));
-      set_zero(d);
-    }
-    if (valid > 0) router_z_backward_add(logits, tokens.mask, double(scale) * 2.0 / valid, d);
-  }
+  detail::z_gradient(layers, tokens, detail::z_sums(layers, tokens).second, scale, grads);
 }
 
 // ================================ the loss object ================================
@@ -337,50 +390,89 @@ class BalanceLoss {
     BalanceScope scope = BalanceScope::PerLayer;
   };
 
+  // What a forward counted, one entry per loss group (each layer, or all layers together), so that a backward on
+  // the same routing and tokens need not count again (on the GPU each count is a reduction read back by the host).
+  struct Counts {
+    std::vector<ExpertTally> tallies;  // MoLE, Switch, GShard
+    std::vector<double> z_valid;       // ZLoss: the valid (layer, token) pairs of each group
+  };
+
   explicit BalanceLoss(const Config& config) : config_(config) {
     require<ConfigError>(std::isfinite(config.weight) && config.weight >= 0, "BalanceLoss: weight must be >= 0 (got ",
                          config.weight, ")");
   }
 
-  // w * (sum over layers of each layer's loss | the loss over all layers' tokens).
-  T forward(std::span<const Routing* const> layers, const Tokens& tokens) const {
-    if (config_.scope == BalanceScope::AcrossLayers) return T(config_.weight) * value(layers, tokens);
+  // w * (sum over layers of each layer's loss | the loss over all layers' tokens). counts (optional) receives what
+  // was counted, for backward.
+  T forward(std::span<const Routing* const> layers, const Tokens& tokens, Counts* counts = nullptr) const {
+    if (counts) *counts = Counts{};
     T total = 0;
-    for (std::size_t l = 0; l < layers.size(); ++l) total += value(layers.subspan(l, 1), tokens);
+    for_each_group(layers, [&](std::span<const Routing* const> group, std::size_t) {
+      total += value(group, tokens, counts);
+    });
     return T(config_.weight) * total;
   }
 
-  // grads[l] += dloss * d(forward)/d(probs, logits of layer l).
+  // grads[l] += dloss * d(forward)/d(probs, logits of layer l). counts: what forward counted on these very layers
+  // and tokens (nullptr: count again).
   void backward(std::span<const Routing* const> layers, const Tokens& tokens, std::span<Grad* const> grads,
-                T dloss = T(1)) const {
+                T dloss = T(1), const Counts* counts = nullptr) const {
     require<ShapeError>(grads.size() == layers.size(), "BalanceLoss::backward: ", grads.size(),
                         " router gradients for ", layers.size(), " layers");
     const T scale = T(config_.weight) * dloss;
-    if (config_.scope == BalanceScope::AcrossLayers) return gradient(layers, tokens, scale, grads);
-    for (std::size_t l = 0; l < layers.size(); ++l) gradient(layers.subspan(l, 1), tokens, scale, grads.subspan(l, 1));
+    const std::size_t groups = config_.scope == BalanceScope::AcrossLayers ? 1 : layers.size();
+    if (counts) {
+      const std::size_t kept = config_.kind == BalanceKind::ZLoss ? counts->z_valid.size() : counts->tallies.size();
+      require<ShapeError>(kept == groups, "BalanceLoss::backward: counts of ", kept, " groups for a loss of ", groups);
+    }
+    for_each_group(layers, [&](std::span<const Routing* const> group, std::size_t g) {
+      const auto group_grads = config_.scope == BalanceScope::AcrossLayers ? grads : grads.subspan(g, 1);
+      gradient(group, tokens, scale, group_grads, counts, g);
+    });
   }
 
   const Config& config() const { return config_; }
 
  private:
-  T value(std::span<const Routing* const> layers, const Tokens& tokens) const {
-    switch (config_.kind) {
-      case BalanceKind::MoLE: return mole_balance_forward(layers, tokens);
-      case BalanceKind::Switch: return switch_balance_forward(layers, tokens);
-      case BalanceKind::GShard: return gshard_balance_forward(layers, tokens);
-      case BalanceKind::ZLoss: return router_z_loss_forward(layers, tokens);
-    }
-    return T(0);
+  // f(group of layers, group index) for each loss group.
+  template <class F>
+  void for_each_group(std::span<const Routing* const> layers, F&& f) const {
+    if (config_.scope == BalanceScope::AcrossLayers) return f(layers, 0);
+    for (std::size_t l = 0; l < layers.size(); ++l) f(layers.subspan(l, 1), l);
   }
 
-  void gradient(std::span<const Routing* const> layers, const Tokens& tokens, T scale,
-                std::span<Grad* const> grads) const {
-    switch (config_.kind) {
-      case BalanceKind::MoLE: return mole_balance_backward(layers, tokens, scale, grads);
-      case BalanceKind::Switch: return switch_balance_backward(layers, tokens, scale, grads);
-      case BalanceKind::GShard: return gshard_balance_backward(layers, tokens, scale, grads);
-      case BalanceKind::ZLoss: return router_z_loss_backward(layers, tokens, scale, grads);
+  static const detail::BalanceMath& math(BalanceKind kind) {
+    switch (kind) {
+      case BalanceKind::Switch: return detail::switch_math;
+      case BalanceKind::GShard: return detail::gshard_math;
+      case BalanceKind::MoLE:
+      case BalanceKind::ZLoss: break;  // the z-loss counts no experts (value / gradient handle it first)
     }
+    return detail::mole_math;
+  }
+
+  T value(std::span<const Routing* const> group, const Tokens& tokens, Counts* counts) const {
+    if (config_.kind == BalanceKind::ZLoss) {
+      const auto [sum, valid] = detail::z_sums(group, tokens);
+      if (counts) counts->z_valid.push_back(valid);
+      return T(detail::finite_loss("router_z_loss", valid > 0 ? sum / valid : 0.0));
+    }
+    const auto& m = math(config_.kind);
+    ExpertTally t = detail::tally_for(m, group, tokens);
+    const T v = detail::balance_value<T>(m, t);
+    if (counts) counts->tallies.push_back(std::move(t));
+    return v;
+  }
+
+  void gradient(std::span<const Routing* const> group, const Tokens& tokens, T scale, std::span<Grad* const> grads,
+                const Counts* counts, std::size_t g) const {
+    if (config_.kind == BalanceKind::ZLoss) {
+      const double valid = counts ? counts->z_valid[g] : detail::z_sums(group, tokens).second;
+      return detail::z_gradient(group, tokens, valid, scale, grads);
+    }
+    const auto& m = math(config_.kind);
+    if (counts) return detail::balance_gradient(m, group, tokens, counts->tallies[g], scale, grads);
+    detail::balance_gradient(m, group, tokens, detail::tally_for(m, group, tokens), scale, grads);
   }
 
   Config config_;

@@ -195,6 +195,7 @@ class LoRAExperts {
     Shape x_shape;
     Tensor x;           // [N, D] input rows in execution order (grouped by expert when sparse)
     IndexTensor one_block;  // [2] = {0, N}: the offsets of K = 1
+    std::size_t one_block_rows = std::size_t(-1);  // the N that one_block holds (rewritten, one upload, when N changes)
     GateTensor gates;   // [M, 1] gate values c per grouped row (gate scaling, dense)
     IndexTensor dense_experts, dense_counts, dense_offsets, dense_perm;
     Tensor dense_gates;  // [N K, 1]
@@ -233,7 +234,10 @@ class LoRAExperts {
     Tensor y;
     if (!router_) {
       assign(c.x, x);
-      one_block_offsets(rows(x), c.one_block);
+      if (c.one_block_rows != rows(x)) {
+        one_block_offsets(rows(x), c.one_block);
+        c.one_block_rows = rows(x);
+      }
       body_forward(c, y);
       return y;
     }

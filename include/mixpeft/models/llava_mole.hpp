@@ -144,6 +144,7 @@ class LlavaMole {
     BalanceTokens<T, Backend> tokens;                         // valid positions and sample ids, [N] each
     std::vector<const Routing*> routing;                      // [L] (empty when K = 1)
     std::vector<RouterGrad<T, Backend>> router_grads;         // [L] balance gradients
+    typename BalanceLoss<T, Backend>::Counts balance_counts;  // what the balance forward counted, for backward
     std::vector<std::vector<std::size_t>> expert_counts;      // [L][K] this forward's valid positions per expert
     T ce_value = 0, balance_value = 0;
   };
@@ -239,7 +240,7 @@ class LlavaMole {
     if (!stats_) return c.ce_value;
     c.routing = llm_.routing(c.llm);
     balance_tokens(batch, c.tokens);
-    c.balance_value = balance_.forward(std::span<const Routing* const>(c.routing), c.tokens);
+    c.balance_value = balance_.forward(std::span<const Routing* const>(c.routing), c.tokens, &c.balance_counts);
     const std::size_t nb = batch.ids.shape()[0], nt = batch.ids.shape()[1];
     ::mixpeft::Tensor<std::int32_t> domains = empty<std::int32_t>({nb * nt});  // each position's domain
     for (std::size_t i = 0; i < nb * nt; ++i) domains.data()[i] = std::int32_t(batch.domains.empty() ? 0 : batch.domains[i / nt]);
@@ -264,7 +265,7 @@ class LlavaMole {
     }
     if (!c.routing.empty())
       balance_.backward(std::span<const Routing* const>(c.routing), c.tokens,
-                        std::span<RouterGrad<T, Backend>* const>(grads), dloss);
+                        std::span<RouterGrad<T, Backend>* const>(grads), dloss, &c.balance_counts);
     embeddings_backward(c, llm_.backward_embeddings(c.llm, llm_.logits_backward(c.llm, dlogits), c.router_grads),
                         images_grad);
   }

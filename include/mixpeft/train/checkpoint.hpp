@@ -226,6 +226,23 @@ inline std::string where(const char* op, const std::filesystem::path& path) {
   return detail::concat(op, " '", path.string(), "'");
 }
 
+// An optimizer's trainable parameters by name, and their shapes (what open_checked checks a file against).
+template <class T, class Backend>
+struct TrainableParameters {
+  std::map<std::string, Parameter<T, Backend>*> params;
+  std::map<std::string, Shape> shapes;
+};
+template <class T, class Backend>
+TrainableParameters<T, Backend> trainable_parameters(const ParameterList<T, Backend>& list) {
+  TrainableParameters<T, Backend> out;
+  for (const auto& ref : list)
+    if (ref.param->trainable) {
+      out.params.emplace(ref.name, ref.param);
+      out.shapes.emplace(ref.name, shape_of(ref.param->value));
+    }
+  return out;
+}
+
 }  // namespace detail::checkpoint
 
 // Saves the optimizer's trainable parameters and AdamW state, the step counter, the Rngs and `extra`.
@@ -254,16 +271,10 @@ template <class T>
 CheckpointInfo load_checkpoint(const std::filesystem::path& path, AdamW<T>& optimizer, const NamedRngs& rngs = {}) {
   namespace dc = detail::checkpoint;
   const std::string w = dc::where("load_checkpoint", path);
-  std::map<std::string, Parameter<T>*> trainable;
-  std::map<std::string, Shape> shapes;
-  for (const auto& ref : optimizer.parameters())
-    if (ref.param->trainable) {
-      trainable.emplace(ref.name, ref.param);
-      shapes.emplace(ref.name, shape_of(ref.param->value));
-    }
-  const dc::CheckedFile checked = dc::open_checked(path, shapes, rngs, w);
+  const auto trainable = dc::trainable_parameters(optimizer.parameters());
+  const dc::CheckedFile checked = dc::open_checked(path, trainable.shapes, rngs, w);
 
-  for (const auto& [name, p] : trainable) checked.file.read_into(dc::model_prefix + name, p->value);
+  for (const auto& [name, p] : trainable.params) checked.file.read_into(dc::model_prefix + name, p->value);
   optimizer.set_config(checked.config);
   auto& state = optimizer.state();
   state.clear();
