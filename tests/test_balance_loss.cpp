@@ -142,8 +142,9 @@ TEST(BalanceLoss, BackwardFromTheForwardCountsEqualsRecounting) {
       }
       const std::vector<const Routing*> two = {&layers[0], &layers[1]};
       std::vector<RouterGrad<double>*> two_grads = {kp[0], kp[1]};
-      if (scope == BalanceScope::PerLayer)
+      if (scope == BalanceScope::PerLayer) {
         EXPECT_THROW(loss_fn.backward(two, tokens, two_grads, 1.0, &counts), ShapeError);
+      }
     }
   }
 }

@@ -158,7 +158,7 @@ void router_z_backward_add(const Tensor<T>& logits, const Tensor<T>& mask, doubl
   });
 }
 
-// ================================ losses (any backend) ================================
+// ================================ the losses from their counts (any backend) ================================
 
 namespace detail {
 
@@ -291,42 +291,6 @@ void balance_gradient(const BalanceMath& m, RoutingSpan<T, Backend> layers, cons
   add_prob_grads(layers, tokens, m.by_sample, grads, std::span<const double>(coef));
 }
 
-}  // namespace detail
-
-template <class T, class Backend>
-T mole_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  return detail::balance_value<T>(detail::mole_math, detail::tally_for(detail::mole_math, layers, tokens));
-}
-template <class T, class Backend>
-void mole_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
-                           std::span<RouterGrad<T, Backend>* const> grads) {
-  detail::balance_gradient(detail::mole_math, layers, tokens, detail::tally_for(detail::mole_math, layers, tokens),
-                           scale, grads);
-}
-
-template <class T, class Backend>
-T switch_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  return detail::balance_value<T>(detail::switch_math, detail::tally_for(detail::switch_math, layers, tokens));
-}
-template <class T, class Backend>
-void switch_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
-                             std::span<RouterGrad<T, Backend>* const> grads) {
-  detail::balance_gradient(detail::switch_math, layers, tokens, detail::tally_for(detail::switch_math, layers, tokens),
-                           scale, grads);
-}
-
-template <class T, class Backend>
-T gshard_balance_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  return detail::balance_value<T>(detail::gshard_math, detail::tally_for(detail::gshard_math, layers, tokens));
-}
-template <class T, class Backend>
-void gshard_balance_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
-                             std::span<RouterGrad<T, Backend>* const> grads) {
-  detail::balance_gradient(detail::gshard_math, layers, tokens, detail::tally_for(detail::gshard_math, layers, tokens),
-                           scale, grads);
-}
-
-namespace detail {
 // Sum of lse^2 and the number of valid (layer, token) pairs over all layers.
 template <class T, class Backend>
 std::pair<double, double> z_sums(RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
@@ -359,18 +323,6 @@ void z_gradient(RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>&
   }
 }
 }  // namespace detail
-
-template <class T, class Backend>
-T router_z_loss_forward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens) {
-  const auto [sum, valid] = detail::z_sums(layers, tokens);
-  return T(detail::finite_loss("router_z_loss", valid > 0 ? sum / valid : 0.0));
-}
-
-template <class T, class Backend>
-void router_z_loss_backward(detail::RoutingSpan<T, Backend> layers, const BalanceTokens<T, Backend>& tokens, T scale,
-                            std::span<RouterGrad<T, Backend>* const> grads) {
-  detail::z_gradient(layers, tokens, detail::z_sums(layers, tokens).second, scale, grads);
-}
 
 // ================================ the loss object ================================
 
