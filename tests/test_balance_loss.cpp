@@ -40,6 +40,14 @@ Index ids(std::vector<std::int32_t> v) {
   return t;
 }
 
+// L layers of random routing over n tokens and K experts; layer `top2` routes top-2, the others top-1.
+std::vector<Routing> random_layers(Rng& rng, std::size_t L, std::size_t n, std::size_t K, std::size_t top2) {
+  std::vector<Routing> layers;
+  for (std::size_t l = 0; l < L; ++l)
+    layers.push_back(routing_from_logits(random_tensor<double>({n, K}, rng), l == top2 ? 2 : 1));
+  return layers;
+}
+
 std::vector<const Routing*> pointers(const std::vector<Routing>& layers) {
   std::vector<const Routing*> p;
   for (const auto& r : layers) p.push_back(&r);
@@ -90,8 +98,7 @@ TEST(BalanceLoss, MoLEHandComputedPerSampleWithMask) {
 TEST(BalanceLoss, GradientCheckEveryKindAndScope) {
   Rng rng(1);
   const std::size_t L = 3, n = 10, K = 4;
-  std::vector<Routing> layers;
-  for (std::size_t l = 0; l < L; ++l) layers.push_back(routing_from_logits(random_tensor<double>({n, K}, rng), l == 1 ? 2 : 1));
+  std::vector<Routing> layers = random_layers(rng, L, n, K, 1);
   Tokens tokens{.mask = Tensor<double>{1, 1, 0, 1, 1, 1, 1, 0, 1, 1}, .sample_ids = Index(), .samples = 3};
   batch_sample_ids(2, 5, tokens.sample_ids);
   tokens.sample_ids(9) = 2;  // an uneven third sample
@@ -121,8 +128,7 @@ TEST(BalanceLoss, GradientCheckEveryKindAndScope) {
 TEST(BalanceLoss, BackwardFromTheForwardCountsEqualsRecounting) {
   Rng rng(5);
   const std::size_t L = 3, n = 10, K = 4;
-  std::vector<Routing> layers;
-  for (std::size_t l = 0; l < L; ++l) layers.push_back(routing_from_logits(random_tensor<double>({n, K}, rng), l == 2 ? 2 : 1));
+  std::vector<Routing> layers = random_layers(rng, L, n, K, 2);
   Tokens tokens{.mask = Tensor<double>{1, 0, 1, 1, 1, 1, 1, 1, 0, 1}, .sample_ids = Index(), .samples = 2};
   batch_sample_ids(2, 5, tokens.sample_ids);
   for (auto kind : {BalanceKind::MoLE, BalanceKind::Switch, BalanceKind::GShard, BalanceKind::ZLoss}) {
